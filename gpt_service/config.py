@@ -1,0 +1,135 @@
+"""Typed training settings: `config/models.yaml` defaults, overridden by flags or request fields.
+
+Precedence, lowest first: the defaults below, the YAML file, then explicit overrides (command-line
+flags or `POST /train` fields). `lora_config` overrides merge key by key into the file's block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gpt_service.errors import UserError
+
+DatasetFormat = Literal["json", "jsonl", "txt"]
+DEFAULT_CONFIG_PATH = Path("config/models.yaml")
+
+
+class ConfigError(UserError):
+    """A settings file or override that cannot be used; the message names the key."""
+
+
+class LoraSettings(BaseModel):
+    """The spec's `lora_config` block: PEFT `LoraConfig` arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description='Module names to adapt, or "all-linear" for every linear layer but the output head.',
+    )
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
+
+
+class TrainConfig(BaseModel):
+    """Everything one LoRA fine-tuning run needs. Field names are the spec's flag and request names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The spec's basic parameters.
+    base_model: str = Field(..., min_length=1, description="Local model folder or Hugging Face hub id.")
+    dataset_path: str = Field(..., min_length=1, description="Training data file.")
+    output_dir: str | None = Field(
+        None, description="Run folder; the adapter lands in <output_dir>/lora_adapter. "
+        "Default: a fresh folder under models/checkpoints/."
+    )
+    num_epochs: int = Field(3, ge=1, le=1000, description="Passes over the training data.")
+    batch_size: int = Field(4, ge=1, le=4096, description="Samples per optimizer micro-step.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    dataset_format: DatasetFormat | None = Field(
+        None, description="json, jsonl or txt; guessed from the file extension when omitted."
+    )
+
+    # The spec's advanced parameters.
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="Micro-batches per update.")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warm-up.")
+    save_steps: int = Field(500, ge=1, description="Write a checkpoint every this many optimizer steps.")
+    eval_steps: int = Field(500, ge=1, description="Compute the validation loss every this many steps.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
+    fp16: bool = Field(False, description="fp16 mixed precision (CUDA only; elsewhere falls back).")
+
+    # What a user needs beside them.
+    bf16: bool | None = Field(None, description="bf16 mixed precision; null = wherever the hardware has it.")
+    max_length: int = Field(1024, ge=8, le=1_048_576, description="Tokens per sample; longer ones are cut.")
+    validation_split: float = Field(0.1, ge=0, lt=1, description="Share of the data held out (seeded).")
+    eval_dataset_path: str | None = Field(None, description="Separate validation file (overrides the split).")
+    train_on_prompt: bool = Field(False, description="Also train on prompt tokens of chat/instruction data.")
+    seed: int = Field(42, ge=0, description="Seed for the split, the data order, dropout and LoRA init.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = Field("linear", description="LR decay.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    save_total_limit: int | None = Field(3, ge=1, description="Checkpoints kept (newest); null keeps all.")
+    resume_from_checkpoint: str | None = Field(
+        None, description='A checkpoint folder, or "latest" for the newest one in output_dir.'
+    )
+    overwrite_output_dir: bool = Field(False, description="Allow writing into another run's output_dir.")
+    lora_config: LoraSettings = Field(default_factory=LoraSettings)
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> TrainConfig:
+        if self.fp16 and self.bf16:
+            raise ValueError("fp16 and bf16 cannot both be true")
+        return self
+
+
+TRAINING_KEYS = set(TrainConfig.model_fields) - {"lora_config"}
+
+
+def read_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Read `models.yaml` as a plain dict, checking that every key is one we know."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must be a mapping of keys, not {type(raw).__name__}")
+    unknown = set(raw) - TRAINING_KEYS - {"lora_config"}
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown key(s) {', '.join(sorted(unknown))}")
+    return raw
+
+
+def build_train_config(overrides: dict[str, Any], config_path: str | Path | None = None) -> TrainConfig:
+    """Merge defaults, the YAML file and `overrides` (None values are ignored).
+
+    Without `config_path`, `config/models.yaml` is read when it exists in the working folder.
+    """
+    if config_path is None and DEFAULT_CONFIG_PATH.is_file():
+        config_path = DEFAULT_CONFIG_PATH
+    file_values = read_yaml_config(config_path) if config_path else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    merged = {**file_values, **given}
+    lora = {**(file_values.get("lora_config") or {}), **(given.get("lora_config") or {})}
+    merged["lora_config"] = lora
+    try:
+        return TrainConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from exc
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One readable line per bad field: `lora_config.r: Input should be greater than or equal to 1`."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)

@@ -1,0 +1,1 @@
+"""Datasets: reading files, tokenizing records, batching."""

@@ -1,0 +1,47 @@
+"""Length-grouped batches: samples of similar length share a batch, so little is padding.
+
+The order is a pure function of (seed, epoch), which is what lets a resumed run see exactly the
+batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpt_service.data.examples import IGNORE_INDEX, Example
+
+# Samples are sorted by length within windows of this many batches, then the batches are shuffled.
+GROUP_WINDOW_BATCHES = 64
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Indices of each batch of one epoch: shuffled, grouped by length, batches in random order."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * GROUP_WINDOW_BATCHES
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
+
+
+def sequential_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Batches for evaluation: sorted by length, in a fixed order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest sample; padding is masked out of attention and labels."""
+    width = max(len(e) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,92 @@
+"""Read a dataset file into records, with errors that name the file and the place.
+
+Formats are the spec's: JSON (`[{"text": ...}, ...]`), JSONL (one object a line) and TXT (one
+sample a line). A UTF-8 BOM and CRLF line ends are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gpt_service.config import DatasetFormat
+from gpt_service.errors import UserError
+
+EXTENSION_FORMATS: dict[str, DatasetFormat] = {".json": "json", ".jsonl": "jsonl", ".txt": "txt"}
+
+Record = dict[str, Any]
+
+
+class DatasetError(UserError):
+    """A dataset that cannot be used; the message names the file and the place."""
+
+
+def guess_format(path: str | Path, dataset_format: str | None) -> DatasetFormat:
+    """The given format, or the one the file extension names."""
+    if dataset_format:
+        if dataset_format not in EXTENSION_FORMATS.values():
+            raise DatasetError(f"unknown dataset_format {dataset_format!r}: use json, jsonl or txt")
+        return dataset_format  # type: ignore[return-value]
+    suffix = Path(path).suffix.lower()
+    if suffix not in EXTENSION_FORMATS:
+        raise DatasetError(
+            f"{path}: cannot tell the format from the extension {suffix or '(none)'!r}; "
+            "name a dataset_format (json, jsonl or txt)"
+        )
+    return EXTENSION_FORMATS[suffix]
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DatasetError(
+            f"{path}: bytes that are not UTF-8 at byte offset {exc.start} (line {line}); "
+            "save the file as UTF-8"
+        ) from exc
+    return text.replace("\r\n", "\n")
+
+
+def _json_error(path: Path, exc: json.JSONDecodeError, line: int | None = None) -> DatasetError:
+    where = f"line {line}" if line is not None else f"line {exc.lineno}, column {exc.colno}"
+    return DatasetError(f"{path}: malformed JSON at {where}: {exc.msg}")
+
+
+def read_records(path: str | Path, dataset_format: str | None = None) -> list[Record]:
+    """All records of the file, each a dict. TXT lines become `{"text": line}`."""
+    path = Path(path)
+    fmt = guess_format(path, dataset_format)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
+    text = _decode(path)
+    if fmt == "txt":
+        records: list[Any] = [{"text": line} for line in text.split("\n") if line.strip()]
+    elif fmt == "jsonl":
+        records = []
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise _json_error(path, exc, line=number) from exc
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise _json_error(path, exc) from exc
+        if not isinstance(records, list):
+            raise DatasetError(
+                f"{path}: a JSON dataset must be a list of objects, found {type(records).__name__}"
+            )
+    if not records:
+        raise DatasetError(f"{path}: the dataset is empty")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DatasetError(
+                f"{path}: record {index + 1} is {type(record).__name__}, expected an object"
+            )
+    return records

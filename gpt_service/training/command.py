@@ -1,0 +1,73 @@
+"""`scripts/train_lora.py` and `gpt-service train`: fine-tune from the command line.
+
+    python scripts/train_lora.py --base_model ./demo-model --dataset_path data/train.json \\
+        --output_dir models/checkpoints/my_task --num_epochs 3 --batch_size 4 --learning_rate 2e-4
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from gpt_service.config import build_train_config
+from gpt_service.errors import UserError
+from gpt_service.training.arguments import add_training_arguments, overrides_from_args
+from gpt_service.training.progress import TrainingProgress
+from gpt_service.training.recipe import run_lora_finetune
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Fine-tune a causal LM with LoRA.")
+    add_training_arguments(parser)
+    return parser
+
+
+def _figures(p: TrainingProgress) -> str:
+    parts = [f"loss {p.loss:.4f}" if p.loss is not None else "",
+             f"eval {p.eval_loss:.4f}" if p.eval_loss is not None else "",
+             f"{p.tokens_per_second:,.0f} tok/s", f"lr {p.learning_rate:.2e}"]
+    return "  ".join(x for x in parts if x)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    console = Console(stderr=True)
+    columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[figures]}"), TimeRemainingColumn())
+    try:
+        config = build_train_config(overrides_from_args(args), args.config)
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task("train", total=None, figures="loading model and data")
+
+            def show(progress: TrainingProgress) -> None:
+                bar.update(task, completed=progress.step, total=progress.total_steps,
+                           figures=_figures(progress))
+                if progress.message:
+                    bar.console.print(progress.message)
+
+            result = run_lora_finetune(config, on_progress=show)
+    except UserError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted; resume with --resume_from_checkpoint latest")
+        return 130
+    except OSError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 1
+    summary = f"final loss {result.final_loss:.4f}" if result.final_loss is not None else "no step run"
+    if result.final_eval_loss is not None:
+        summary += f", eval loss {result.final_eval_loss:.4f}"
+    if result.truncated_samples:
+        summary += f", {result.truncated_samples} sample(s) truncated to max_length"
+    print(f"{summary}\nadapter saved to {result.adapter_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
