@@ -3,6 +3,7 @@
     gpt-service demo-model DIR      build the tiny offline demo model
     gpt-service train --help        fine-tune with LoRA (same flags as scripts/train_lora.py)
     gpt-service quickstart          demo model + fine-tune + base vs adapter, offline
+    gpt-service serve               start the HTTP service (127.0.0.1:8000, docs at /docs)
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("train", help="fine-tune with LoRA (see `gpt-service train --help`)", add_help=False)
     quick = commands.add_parser("quickstart", help="offline demo: fine-tune the demo model, compare outputs")
     quick.add_argument("--dataset", default="data/train.json")
+    serve = commands.add_parser("serve", help="start the HTTP service")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--workspace", help="folder holding data/, models/ and the task database (default: .)")
+    serve.add_argument("--database-url", help="SQLAlchemy URL of the task store (default: SQLite in the workspace)")
+    serve.add_argument("--max-concurrent-tasks", type=int, help="trainings run at once (default 1)")
+    serve.add_argument("--allow-downloads", action="store_true", default=None, help="fetch hub ids not cached")
     if argv[:1] == ["train"]:  # the training flags are parsed by the training command itself
         from gpt_service.training.command import main as train_main
 
@@ -31,9 +39,24 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"demo model written to {build_demo_model(args.dir)}")
         return 0
+    if args.command == "serve":
+        return serve_command(args)
     from gpt_service.quickstart import run
 
     return run(args.dataset)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gpt_service.api import create_app
+    from gpt_service.settings import load_settings
+
+    settings = load_settings(host=args.host, port=args.port, workspace=args.workspace,
+                             database_url=args.database_url, max_concurrent_tasks=args.max_concurrent_tasks,
+                             allow_downloads=args.allow_downloads)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ class TrainingProgress:
     tokens_per_second: float
     eta_seconds: float | None
     message: str | None = None  # a log line (checkpoint written, evaluation done, ...)
+    evaluated: bool = False  # eval_loss was computed at this step
 
     @property
     def percent(self) -> float:

@@ -180,7 +180,8 @@ class _Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _report(self, epoch_float: float, started: float, tokens: int, message: str | None = None) -> None:
+    def _report(self, epoch_float: float, started: float, tokens: int, message: str | None,
+                evaluated: bool) -> None:
         elapsed = time.perf_counter() - started
         done_here = max(self.step - self._first_step, 0)
         eta = (self.total_steps - self.step) * elapsed / done_here if done_here else None
@@ -189,6 +190,7 @@ class _Run:
             loss=self.last_loss, eval_loss=self.last_eval_loss,
             learning_rate=self.scheduler.get_last_lr()[0],
             tokens_per_second=tokens / elapsed if elapsed > 0 else 0.0, eta_seconds=eta, message=message,
+            evaluated=evaluated,
         ))
 
     # -- the loop ---------------------------------------------------------------------------
@@ -223,7 +225,8 @@ class _Run:
                 point: dict[str, Any] = {"step": self.step, "epoch": round(epoch_float, 4),
                                          "loss": self.last_loss, "learning_rate": self.scheduler.get_last_lr()[0]}
                 message = None
-                if self.step % config.eval_steps == 0 and (eval_loss := self.evaluate()) is not None:
+                due = self.step % config.eval_steps == 0 or self.step == self.total_steps
+                if due and (eval_loss := self.evaluate()) is not None:
                     self.last_eval_loss = point["eval_loss"] = eval_loss
                     message = f"step {self.step}: eval loss {eval_loss:.4f}"
                 self.history.append(point)
@@ -233,15 +236,11 @@ class _Run:
                                            self.scheduler, self._state(next_epoch, next_batch),
                                            config.save_total_limit)
                     message = "; ".join(filter(None, [message, f"checkpoint saved to {path}"]))
-                self._report(epoch_float, started, tokens, message)
+                self._report(epoch_float, started, tokens, message, evaluated="eval_loss" in point)
         return True
 
     def finish(self) -> Path:
-        """Final evaluation; publish the adapter (and the tokenizer to serve it) atomically."""
-        if self.data.eval and (not self.history or "eval_loss" not in self.history[-1]):
-            self.last_eval_loss = self.evaluate()
-            if self.history:
-                self.history[-1]["eval_loss"] = self.last_eval_loss
+        """Publish the adapter (and the tokenizer to serve it) atomically."""
 
         def write(folder: Path) -> None:
             self.model.save_pretrained(folder)

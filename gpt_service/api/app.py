@@ -1,0 +1,45 @@
+"""`create_app(settings)`: the FastAPI application, its store and its worker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from gpt_service import __version__
+from gpt_service.api.errors import install_error_handlers
+from gpt_service.api.routes import training
+from gpt_service.settings import ServiceSettings, load_settings
+from gpt_service.tasks.store import TaskStore
+from gpt_service.tasks.worker import Worker
+
+
+def create_app(settings: ServiceSettings | None = None, *, run_worker: bool = True) -> FastAPI:
+    settings = settings or load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = TaskStore(str(settings.database_url), settings.log_tail_lines)
+        worker = Worker(settings, store)
+        app.state.store, app.state.worker = store, worker
+        if run_worker:
+            worker.start()
+        yield
+        if run_worker:
+            worker.stop()
+        store.close()
+
+    app = FastAPI(title="GPT Service", version=__version__, lifespan=lifespan,
+                  description="LoRA fine-tuning and serving for Hugging Face causal language models.")
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(training.router)
+
+    @app.get("/health", tags=["service"])
+    def health() -> dict[str, Any]:
+        worker = app.state.worker
+        return {"status": "ok", "worker_alive": worker.alive, "running_tasks": len(worker.children)}
+
+    return app

@@ -1,0 +1,121 @@
+"""The spec's training calls: submit, status, history; plus cancel, resume, logs, metrics, delete."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from gpt_service.api.schemas import TrainAccepted, TrainRequest, task_view
+from gpt_service.paths import confine
+from gpt_service.settings import ServiceSettings
+from gpt_service.tasks.store import ACTIVE, STATUSES, Task, TaskStore
+from gpt_service.tasks.submission import ConflictError, NotFoundError, prepare_training
+
+router = APIRouter(tags=["training"])
+_submit_lock = threading.Lock()  # the output_dir check and the insert happen as one
+
+
+def get_store(request: Request) -> TaskStore:
+    return request.app.state.store
+
+
+def get_settings(request: Request) -> ServiceSettings:
+    return request.app.state.settings
+
+
+Store = Annotated[TaskStore, Depends(get_store)]
+Settings = Annotated[ServiceSettings, Depends(get_settings)]
+
+
+def existing_task(task_id: str, store: TaskStore) -> Task:
+    task = store.get(task_id)
+    if task is None:
+        raise NotFoundError(f"no training task {task_id!r}; GET /train/history lists the tasks")
+    return task
+
+
+@router.post("/train", response_model=TrainAccepted)
+def submit_training(body: TrainRequest, store: Store, settings: Settings) -> dict[str, Any]:  # type: ignore[valid-type]
+    task_id = store.new_id()
+    config = prepare_training(body.model_dump(exclude_none=True), settings, task_id)  # type: ignore[attr-defined]
+    with _submit_lock:
+        owner = store.active_output_dir_owner(str(config.output_dir))
+        if owner:
+            raise ConflictError(f"output_dir {config.output_dir} is in use by task {owner}; wait for it or cancel it")
+        store.create(task_id, config.model_dump(mode="json"), config.output_dir)
+    return {"task_id": task_id, "status": "pending", "output_dir": config.output_dir}
+
+
+@router.get("/train/status/{task_id}")
+def training_status(task_id: str, store: Store) -> dict[str, Any]:
+    return task_view(existing_task(task_id, store))
+
+
+@router.get("/train/history")
+def training_history(
+    store: Store,
+    status: Annotated[str | None, Query(pattern="^(" + "|".join(STATUSES) + ")$")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    return {"tasks": [task_view(t) for t in store.list(status, limit, offset)]}
+
+
+@router.post("/train/{task_id}/cancel")
+def cancel_training(task_id: str, store: Store) -> dict[str, Any]:
+    existing_task(task_id, store)
+    return task_view(store.request_cancel(task_id))  # type: ignore[arg-type]
+
+
+@router.post("/train/{task_id}/resume")
+def resume_training(task_id: str, store: Store) -> dict[str, Any]:
+    task = existing_task(task_id, store)
+    if task.status not in ("failed", "cancelled"):
+        raise ConflictError(f"task {task_id} is {task.status}; only a failed or cancelled task can be resumed")
+    owner = store.active_output_dir_owner(str(task.output_dir))
+    if owner:
+        raise ConflictError(f"output_dir {task.output_dir} is in use by task {owner}")
+    resumed = store.requeue(task_id, "resume requested: queued to continue from its newest checkpoint")
+    if resumed is None:
+        raise ConflictError(f"task {task_id} changed state meanwhile; look at its status and try again")
+    return task_view(resumed)
+
+
+@router.get("/train/{task_id}/logs")
+def training_logs(
+    task_id: str, store: Store,
+    tail: Annotated[int, Query(ge=1, le=100_000)] = 100, all: bool = False,
+) -> dict[str, Any]:
+    existing_task(task_id, store)
+    return {"task_id": task_id, "lines": store.log_lines(task_id, None if all else tail)}
+
+
+@router.get("/train/{task_id}/metrics")
+def training_metrics(task_id: str, store: Store) -> dict[str, Any]:
+    existing_task(task_id, store)
+    points = store.metrics(task_id)
+    return {
+        "task_id": task_id,
+        "loss": [{"step": p["step"], "epoch": p["epoch"], "value": p["loss"]} for p in points if p["loss"] is not None],
+        "eval_loss": [{"step": p["step"], "epoch": p["epoch"], "value": p["eval_loss"]}
+                      for p in points if p["eval_loss"] is not None],
+        "learning_rate": [{"step": p["step"], "value": p["learning_rate"]} for p in points],
+    }
+
+
+@router.delete("/train/{task_id}")
+def delete_training(task_id: str, store: Store, settings: Settings, delete_files: bool = False) -> dict[str, Any]:
+    task = existing_task(task_id, store)
+    if task.status in ACTIVE:
+        raise ConflictError(f"task {task_id} is {task.status}; cancel it before deleting it")
+    removed = None
+    if delete_files and task.output_dir and Path(task.output_dir).exists():
+        folder = confine(task.output_dir, settings.workspace, settings.models_root, "output_dir")
+        shutil.rmtree(folder)
+        removed = str(folder)
+    store.delete(task_id)
+    return {"task_id": task_id, "deleted": True, "files_removed": removed}

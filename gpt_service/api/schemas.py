@@ -1,0 +1,53 @@
+"""Request and response bodies of the training API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, create_model
+
+from gpt_service.config import LoraSettings, TrainConfig
+from gpt_service.tasks.store import Task
+
+
+def _all_optional(model: type[BaseModel], name: str, required: tuple[str, ...] = (),
+                  **replace: Any) -> type[BaseModel]:
+    """`model`'s fields as a request body: types checked here, ranges by the full config later."""
+    fields: dict[str, Any] = {}
+    for field_name, info in model.model_fields.items():
+        if field_name in replace:
+            fields[field_name] = replace[field_name]
+        elif field_name in required:
+            fields[field_name] = (info.annotation, ...)
+        else:
+            fields[field_name] = (info.annotation | None, None)
+    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
+
+
+LoraOverrides = _all_optional(LoraSettings, "LoraOverrides")
+TrainRequest = _all_optional(
+    TrainConfig, "TrainRequest", required=("base_model", "dataset_path"), lora_config=(LoraOverrides | None, None)
+)
+
+
+class TrainAccepted(BaseModel):
+    task_id: str
+    status: str
+    output_dir: str | None
+
+
+def task_view(task: Task) -> dict[str, Any]:
+    """What status, history and the console show of a task."""
+    request = task.request or {}
+    return {
+        "task_id": task.task_id, "kind": task.kind, "status": task.status, "progress": round(task.progress, 4),
+        "current_step": task.step, "total_steps": task.total_steps, "epoch": task.epoch, "loss": task.loss,
+        "eval_loss": task.eval_loss, "learning_rate": task.learning_rate,
+        "tokens_per_second": task.tokens_per_second, "eta_seconds": task.eta_seconds,
+        "base_model": request.get("base_model"), "dataset_path": request.get("dataset_path"),
+        "output_dir": task.output_dir, "adapter_path": task.adapter_path, "error": task.error,
+        "result": task.result, "attempts": task.attempts, "cancel_requested": task.cancel_requested,
+        "created_at": task.created_at.isoformat() if task.created_at else None,
+        "started_at": task.started_at.isoformat() if task.started_at else None,
+        "finished_at": task.finished_at.isoformat() if task.finished_at else None,
+    }

@@ -1,0 +1,57 @@
+"""Service settings: flags > environment (`GPT_SERVICE_*`) > `.env` > defaults.
+
+Built by `load_settings()`, never at import time, so tests and several servers can differ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GPT_SERVICE_", env_file=".env", extra="ignore")
+
+    workspace: Path = Field(default_factory=Path.cwd, description="Root of relative request paths.")
+    data_dir: Path | None = Field(None, description="Datasets are read only under here (default: workspace/data).")
+    models_dir: Path | None = Field(
+        None, description="Models are loaded and outputs written only under here (default: workspace/models)."
+    )
+    database_url: str | None = Field(None, description="SQLAlchemy URL (default: SQLite in the workspace).")
+    config_path: Path | None = Field(None, description="Training defaults (default: workspace/config/models.yaml).")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: SecretStr | None = Field(None, description="When set, every route but /health needs this Bearer key.")
+    max_concurrent_tasks: int = Field(1, ge=1, le=64, description="Trainings run at once.")
+    auto_resume: bool = Field(True, description="Re-queue tasks a server restart interrupted.")
+    allow_downloads: bool = Field(False, description="Fetch hub ids that are not in the local cache.")
+    cancel_grace_seconds: float = Field(10.0, gt=0, description="A cancelled training gets this long to stop.")
+    log_tail_lines: int = Field(1000, ge=10, description="Log lines kept per task.")
+
+    @model_validator(mode="after")
+    def _fill_paths(self) -> ServiceSettings:
+        self.workspace = self.workspace.expanduser().resolve()
+        self.data_dir = (self.workspace / (self.data_dir or "data")).resolve()
+        self.models_dir = (self.workspace / (self.models_dir or "models")).resolve()
+        self.config_path = self.workspace / (self.config_path or "config/models.yaml")
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.workspace / 'gpt_service.db'}"
+        return self
+
+    @property
+    def data_root(self) -> Path:
+        assert self.data_dir is not None
+        return self.data_dir
+
+    @property
+    def models_root(self) -> Path:
+        assert self.models_dir is not None
+        return self.models_dir
+
+
+def load_settings(**overrides: Any) -> ServiceSettings:
+    """Settings from the environment and `.env`, with explicit (non-None) overrides on top."""
+    return ServiceSettings(**{k: v for k, v in overrides.items() if v is not None})

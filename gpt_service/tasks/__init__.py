@@ -1,0 +1,1 @@
+"""Durable training tasks: the store, the worker that runs them, the child-process runner."""

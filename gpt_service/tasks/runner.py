@@ -1,0 +1,128 @@
+"""Run one training task in this process, reporting to the task store.
+
+    GPT_SERVICE_DATABASE_URL=sqlite:///gpt_service.db python -m gpt_service.tasks.runner TASK_ID
+
+Started by the worker, one process per task, so that a crash, an out-of-memory or a kill ends
+this process and never the server. The process dies with the worker that started it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Any
+
+from gpt_service.config import TrainConfig
+from gpt_service.errors import UserError
+from gpt_service.tasks.store import TaskStore
+from gpt_service.training.progress import TrainingProgress
+from gpt_service.training.recipe import run_lora_finetune
+
+FLUSH_SECONDS = 0.5  # the longest a progress figure waits before it reaches the store
+CANCEL_POLL_SECONDS = 0.5
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the thread that started it goes (e.g. kill -9 of the server)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+class StoreReporter(logging.Handler):
+    """Progress callback, stop check and log handler of one task, batched into few transactions."""
+
+    def __init__(self, store: TaskStore, task_id: str) -> None:
+        super().__init__(level=logging.INFO)
+        self.store, self.task_id = store, task_id
+        self.figures: dict[str, Any] = {}
+        self.points: list[dict[str, Any]] = []
+        self.lines: list[str] = []
+        self.last_flush = self.last_poll = 0.0
+        self.stop = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname}: {record.getMessage()}")
+
+    def on_progress(self, progress: TrainingProgress) -> None:
+        self.figures = {**progress.as_dict()}
+        self.points.append({"step": progress.step, "epoch": progress.epoch, "loss": progress.loss,
+                            "eval_loss": progress.eval_loss if progress.evaluated else None,
+                            "learning_rate": progress.learning_rate})
+        if progress.message:
+            self.lines.append(progress.message)
+        if time.monotonic() - self.last_flush >= FLUSH_SECONDS or progress.step == progress.total_steps:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.figures or self.points or self.lines:
+            self.store.record_progress(self.task_id, self.figures, self.points, self.lines)
+        self.figures, self.points, self.lines = {}, [], []
+        self.last_flush = time.monotonic()
+
+    def should_stop(self) -> bool:
+        if not self.stop and time.monotonic() - self.last_poll >= CANCEL_POLL_SECONDS:
+            self.stop = self.store.cancel_requested(self.task_id)
+            self.last_poll = time.monotonic()
+        return self.stop
+
+
+def describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return f"out of memory: {exc}".rstrip(": ")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"no space left on device: {exc}"
+    if isinstance(exc, UserError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_task(store: TaskStore, task_id: str) -> str:
+    """Train the task; record and return its final status."""
+    task = store.get(task_id)
+    if task is None:
+        raise SystemExit(f"no task {task_id}")
+    config = TrainConfig.model_validate(task.request)
+    if task.resume:
+        config = config.model_copy(update={"resume_from_checkpoint": "latest"})
+    reporter = StoreReporter(store, task_id)
+    logging.getLogger("gpt_service").addHandler(reporter)
+    logging.getLogger("gpt_service").setLevel(logging.INFO)
+    reporter.lines.append(f"training started (attempt {task.attempts}, pid {os.getpid()})"
+                          + (", resuming from the newest checkpoint" if task.resume else ""))
+    try:
+        result = run_lora_finetune(config, reporter.on_progress, reporter.should_stop)
+    except BaseException as exc:
+        reporter.lines.append("".join(traceback.format_exception(exc)).rstrip())
+        reporter.flush()
+        store.finish(task_id, "failed", error=describe_failure(exc))
+        return "failed"
+    reporter.lines.append("cancelled" if result.stopped else f"completed: adapter saved to {result.adapter_dir}")
+    reporter.flush()
+    if result.stopped:
+        store.finish(task_id, "cancelled")
+        return "cancelled"
+    store.finish(task_id, "completed", adapter_path=result.adapter_dir, progress=100.0,
+                 result={"final_loss": result.final_loss, "final_eval_loss": result.final_eval_loss,
+                         "train_samples": result.train_samples, "eval_samples": result.eval_samples,
+                         "truncated_samples": result.truncated_samples, "global_step": result.global_step})
+    return "completed"
+
+
+def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
+    args = sys.argv[1:] if argv is None else argv
+    store = TaskStore(os.environ["GPT_SERVICE_DATABASE_URL"])
+    status = run_task(store, args[0])
+    store.close()
+    return 0 if status != "failed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
