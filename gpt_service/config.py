@@ -6,11 +6,13 @@ flags or `POST /train` fields). `lora_config` overrides merge key by key into th
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from gpt_service.errors import UserError
 
@@ -22,10 +24,25 @@ class ConfigError(UserError):
     """A settings file or override that cannot be used; the message names the key."""
 
 
-class LoraSettings(BaseModel):
-    """The spec's `lora_config` block: PEFT `LoraConfig` arguments."""
+class _Settings(BaseModel):
+    """Unknown keys are errors, and so is true/false where a number belongs (pydantic would read 1/0)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = typing.get_args(annotation) or (annotation,)  # `int | None` -> (int, None)
+            if bool not in kinds and (int in kinds or float in kinds):
+                raise PydanticCustomError("number_type", "Input should be a number, not {value}",
+                                          {"value": str(value).lower()})
+        return value
+
+
+class LoraSettings(_Settings):
+    """The spec's `lora_config` block: PEFT `LoraConfig` arguments."""
 
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
@@ -37,10 +54,8 @@ class LoraSettings(BaseModel):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(_Settings):
     """Everything one LoRA fine-tuning run needs. Field names are the spec's flag and request names."""
-
-    model_config = ConfigDict(extra="forbid")
 
     # The spec's basic parameters.
     base_model: str = Field(..., min_length=1, description="Local model folder or Hugging Face hub id.")
@@ -103,7 +118,7 @@ def read_yaml_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} must be a mapping of keys, not {type(raw).__name__}")
     unknown = set(raw) - TRAINING_KEYS - {"lora_config"}
     if unknown:
-        raise ConfigError(f"config file {path}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise ConfigError(f"config file {path}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     return raw
 
 
@@ -117,12 +132,19 @@ def build_train_config(overrides: dict[str, Any], config_path: str | Path | None
     file_values = read_yaml_config(config_path) if config_path else {}
     given = {k: v for k, v in overrides.items() if v is not None}
     merged = {**file_values, **given}
-    lora = {**(file_values.get("lora_config") or {}), **(given.get("lora_config") or {})}
-    merged["lora_config"] = lora
+    merged["lora_config"] = {**_lora_block(file_values, f"config file {config_path}: "),
+                             **_lora_block(given, "")}
     try:
         return TrainConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from exc
+
+
+def _lora_block(values: dict[str, Any], where: str) -> dict[str, Any]:
+    block = values.get("lora_config") or {}
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}lora_config: should be a mapping of LoRA settings, not {type(block).__name__}")
+    return block
 
 
 def describe_validation_error(exc: ValidationError) -> str:

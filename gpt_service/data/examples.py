@@ -77,7 +77,7 @@ def record_segments(tokenizer: Any, record: Record, where: str) -> list[Segment]
         return _chat_segments(tokenizer, record["messages"], where)
     if "instruction" in record and "output" in record:
         instruction = _field(record, "instruction", where)
-        extra = _field(record, "input", where) if record.get("input") else ""
+        extra = _field(record, "input", where) if record.get("input") is not None else ""
         prompt = f"{instruction}\n{extra}\n" if extra else f"{instruction}\n"
         return [(prompt, False), (_field(record, "output", where), True)]
     if "prompt" in record and "completion" in record:

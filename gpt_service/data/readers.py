@@ -6,6 +6,7 @@ sample a line). A UTF-8 BOM and CRLF line ends are accepted.
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,14 @@ def guess_format(path: str | Path, dataset_format: str | None) -> DatasetFormat:
 
 def _decode(path: Path) -> str:
     data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = data.decode("utf-8-sig")
+        text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
+        offset = bom + exc.start  # in the file, BOM included
+        line = data[:offset].count(b"\n") + 1
         raise DatasetError(
-            f"{path}: bytes that are not UTF-8 at byte offset {exc.start} (line {line}); "
+            f"{path}: bytes that are not UTF-8 at byte offset {offset} (line {line}); "
             "save the file as UTF-8"
         ) from exc
     return text.replace("\r\n", "\n")
@@ -73,6 +76,8 @@ def read_records(path: str | Path, dataset_format: str | None = None) -> list[Re
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise _json_error(path, exc, line=number) from exc
+    elif not text.strip():
+        records = []
     else:
         try:
             records = json.loads(text)

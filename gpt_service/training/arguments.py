@@ -8,6 +8,7 @@ Flags left out are None, so `config/models.yaml` supplies them.
 from __future__ import annotations
 
 import argparse
+import types
 import typing
 from typing import Any
 
@@ -31,8 +32,9 @@ def _parse_modules(text: str) -> list[str] | str:
 
 
 def _flag_kwargs(annotation: Any) -> dict[str, Any]:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    kind = args[0]
+    kind = annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None: the X
+        kind = next(a for a in typing.get_args(annotation) if a is not type(None))
     if typing.get_origin(kind) is typing.Literal:
         return {"choices": list(typing.get_args(kind))}
     if kind is bool:

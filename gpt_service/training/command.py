@@ -42,23 +42,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         config = build_train_config(overrides_from_args(args), args.config)
         with Progress(*columns, console=console, transient=False) as bar:
-            task = bar.add_task("train", total=None, figures="loading model and data")
+            task = bar.add_task("train", total=None, figures="", visible=False)
 
             def show(progress: TrainingProgress) -> None:
                 bar.update(task, completed=progress.step, total=progress.total_steps,
-                           figures=_figures(progress))
+                           figures=_figures(progress), visible=True)
                 if progress.message:
-                    bar.console.print(progress.message)
+                    bar.console.print(progress.message, markup=False, highlight=False)
 
             result = run_lora_finetune(config, on_progress=show)
     except UserError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        print(f"error: {exc}", file=sys.stderr)  # one plain line: no markup, no wrapping
         return 2
     except KeyboardInterrupt:
-        console.print("interrupted; resume with --resume_from_checkpoint latest")
+        print("interrupted; resume with --resume_from_checkpoint latest", file=sys.stderr)
         return 130
     except OSError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     summary = f"final loss {result.final_loss:.4f}" if result.final_loss is not None else "no step run"
     if result.final_eval_loss is not None:
