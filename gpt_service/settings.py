@@ -30,6 +30,12 @@ class ServiceSettings(BaseSettings):
     allow_downloads: bool = Field(False, description="Fetch hub ids that are not in the local cache.")
     cancel_grace_seconds: float = Field(10.0, gt=0, description="A cancelled training gets this long to stop.")
     log_tail_lines: int = Field(1000, ge=10, description="Log lines kept per task.")
+    serve_dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$",
+                             description="Serving precision; auto = bf16 where the hardware has it.")
+    max_batch_size: int = Field(64, ge=1, le=1024, description="Sequences generated together per base model.")
+    max_waiting_requests: int = Field(256, ge=1, description="Requests queued per base model; past it, 429.")
+    max_tokens_limit: int = Field(8192, ge=1, description="Largest max_tokens a request may ask for.")
+    max_prompt_chars: int = Field(200_000, ge=1, description="Longest prompt, in characters.")
 
     @model_validator(mode="after")
     def _fill_paths(self) -> ServiceSettings:

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from gpt_service import __version__
 from gpt_service.api.errors import install_error_handlers
-from gpt_service.api.routes import training
+from gpt_service.api.routes import openai_compat, serving, training
 from gpt_service.settings import ServiceSettings, load_settings
 from gpt_service.tasks.store import TaskStore
 from gpt_service.tasks.worker import Worker
@@ -29,6 +29,8 @@ def create_app(settings: ServiceSettings | None = None, *, run_worker: bool = Tr
         yield
         if run_worker:
             worker.stop()
+        if getattr(app.state, "inference", None) is not None:
+            app.state.inference.close()
         store.close()
 
     app = FastAPI(title="GPT Service", version=__version__, lifespan=lifespan,
@@ -36,10 +38,15 @@ def create_app(settings: ServiceSettings | None = None, *, run_worker: bool = Tr
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(training.router)
+    app.include_router(serving.router)
+    app.include_router(openai_compat.router)
 
     @app.get("/health", tags=["service"])
     def health() -> dict[str, Any]:
         worker = app.state.worker
-        return {"status": "ok", "worker_alive": worker.alive, "running_tasks": len(worker.children)}
+        inference = getattr(app.state, "inference", None)
+        return {"status": "ok", "worker_alive": worker.alive, "running_tasks": len(worker.children),
+                "engines_alive": inference.engines_alive() if inference else None,
+                "models_loaded": len(inference.models()) if inference else 0}
 
     return app

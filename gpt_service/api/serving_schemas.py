@@ -1,0 +1,89 @@
+"""Request bodies of the serving API (the guide's /models/load and /generate, and OpenAI's)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ModelName = Field(..., min_length=1, max_length=128, pattern=r"^[\w.:/@+-]+$",
+                  description="The name requests use for this model.")
+StopField = Field(None, description="Up to 8 strings that end the answer (not included in it).")
+MAX_STOP = 8
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str = ModelName
+    model_path: str = Field(..., min_length=1, max_length=4096, description="Hub id or folder under models/.")
+    lora_adapter: str | None = Field(None, max_length=4096, description="Adapter folder under models/.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="Weights precision; default: the server's serve_dtype (auto = bf16 where fast).")
+    replace: bool = Field(False, description="Replace a model already loaded under this name.")
+
+
+class UnloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str = ModelName
+
+
+class SamplingFields(BaseModel):
+    """Sampling options shared by /generate and the OpenAI routes."""
+
+    max_tokens: int = Field(128, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, le=100_000, description="0 turns top-k off.")
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    stop: str | list[str] | None = StopField
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same text.")
+    stream: bool = Field(False, description="Server-sent events, one per piece of text.")
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(s for s in stops if s)
+
+
+class GenerateRequest(SamplingFields):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., description="The text to continue.")
+    model_name: str = ModelName
+
+
+class OpenAIFields(SamplingFields):
+    """OpenAI's field names and defaults; unknown fields are ignored, as OpenAI clients send extras."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ModelName
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    n: int = Field(1, ge=1, le=16)
+    stream_options: dict | None = None
+
+    def token_budget(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+
+class CompletionRequest(OpenAIFields):
+    prompt: str | list[str] = Field(..., description="One prompt (a list must hold exactly one).")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict] = ""
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+
+
+class ChatRequest(OpenAIFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)

@@ -1,0 +1,1 @@
+"""Serving: the model registry, the continuous-batching engine, sampling and text assembly."""
