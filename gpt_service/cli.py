@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv[1:], prog="gpt-service train")
     args = parser.parse_args(argv)
     if args.command == "demo-model":
+        from pathlib import Path
+
+        if (Path(args.dir) / "config.json").exists():
+            print(f"{args.dir} already holds a model; left as it is")
+            return 0
         from gpt_service.demo_model import build_demo_model
 
         print(f"demo model written to {build_demo_model(args.dir)}")

@@ -13,7 +13,7 @@ import torch
 from gpt_service.demo_model import build_demo_model
 from gpt_service.training.command import main as train_main
 
-DEMO_DIR = Path("demo-model")
+DEMO_DIR = Path("models/demo")
 OUTPUT_DIR = Path("models/checkpoints/quickstart")
 # The demo model is tiny and random: it needs more epochs and a higher rate than a real model.
 DEMO_FLAGS = ["--num_epochs", "30", "--batch_size", "4", "--learning_rate", "5e-3",
