@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--database-url", help="SQLAlchemy URL of the task store (default: SQLite in the workspace)")
     serve.add_argument("--max-concurrent-tasks", type=int, help="trainings run at once (default 1)")
     serve.add_argument("--allow-downloads", action="store_true", default=None, help="fetch hub ids not cached")
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but /health "
+                       "(or set GPT_SERVICE_API_KEY)")
+    serve.add_argument("--allow-insecure-bind", action="store_true", default=None,
+                       help="listen on a non-loopback address without an API key")
     if argv[:1] == ["train"]:  # the training flags are parsed by the training command itself
         from gpt_service.training.command import main as train_main
 
@@ -55,11 +59,17 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gpt_service.api import create_app
+    from gpt_service.api.security import is_loopback
     from gpt_service.settings import load_settings
 
     settings = load_settings(host=args.host, port=args.port, workspace=args.workspace,
                              database_url=args.database_url, max_concurrent_tasks=args.max_concurrent_tasks,
-                             allow_downloads=args.allow_downloads)
+                             allow_downloads=args.allow_downloads, api_key=args.api_key,
+                             allow_insecure_bind=args.allow_insecure_bind)
+    if not is_loopback(settings.host) and not settings.api_key and not settings.allow_insecure_bind:
+        print(f"error: refusing to listen on {settings.host} without an API key; set --api-key (or "
+              "GPT_SERVICE_API_KEY), or pass --allow-insecure-bind if this network is trusted", file=sys.stderr)
+        return 2
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0
 

@@ -36,6 +36,11 @@ class ServiceSettings(BaseSettings):
     max_waiting_requests: int = Field(256, ge=1, description="Requests queued per base model; past it, 429.")
     max_tokens_limit: int = Field(8192, ge=1, description="Largest max_tokens a request may ask for.")
     max_prompt_chars: int = Field(200_000, ge=1, description="Longest prompt, in characters.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body; past it, 413.")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (off when empty).")
+    allow_insecure_bind: bool = Field(
+        False, description="Listen on a non-loopback address without an API key (otherwise refused)."
+    )
 
     @model_validator(mode="after")
     def _fill_paths(self) -> ServiceSettings:

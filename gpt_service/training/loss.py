@@ -4,6 +4,12 @@
 output head is then close to half the compute of a small model. Here the head runs only on the
 positions that have a label (answers only, no padding), and the cross-entropy is summed so that
 gradient accumulation can normalise by the true token count of the whole accumulated batch.
+
+When the head is a frozen plain linear layer (always, for LoRA on the usual target modules), the
+head and the cross-entropy run fused, a block of rows at a time: each block's logits live only
+while that block is worked on, and the gradient with respect to the hidden states is computed
+right there, so the full (tokens x vocabulary) logits are never stored, upcast, or read back by a
+separate backward. On a CPU this is about half the time of the head-plus-loss step.
 """
 
 from __future__ import annotations
@@ -12,14 +18,58 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gpt_service.data.examples import IGNORE_INDEX
+
+# Logit elements per block (fp32: 16 MiB): small enough to stay near the cache, large enough
+# for an efficient matrix multiply (128 rows at a 32k vocabulary).
+_BLOCK_ELEMENTS = 1 << 22
 
 
 def _head_applies_plainly(model: Any) -> bool:
     """False for models whose logits are more than `lm_head(hidden)` (soft-capping, scaling)."""
     config = model.config
     return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
+
+
+class _FusedHeadCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, targets)) for a frozen `weight`; grads to `hidden` only."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        want_grad = hidden.requires_grad
+        rows = max(16, _BLOCK_ELEMENTS // weight.shape[0])
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if want_grad else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], rows):
+                block = hidden[start : start + rows].to(weight.dtype)
+                target = targets[start : start + rows]
+                log_probs = torch.log_softmax((block @ weight.t()).float(), dim=-1)
+                total -= log_probs.gather(1, target[:, None]).sum()
+                if grad is not None:  # d loss / d logits = softmax - one_hot
+                    probs = log_probs.exp_()
+                    probs[torch.arange(len(target), device=probs.device), target] -= 1
+                    grad[start : start + rows] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None
+
+
+def _fusable_head(head: Any) -> bool:
+    return type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+
+
+def head_cross_entropy(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of `head(hidden)` against `targets`; fused for a frozen linear head."""
+    if _fusable_head(head) and hidden.shape[0] > 0:
+        return _FusedHeadCrossEntropy.apply(hidden, head.weight, targets)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 def summed_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -31,8 +81,8 @@ def summed_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch
     decoder = base.get_decoder()
     if _head_applies_plainly(base) and decoder is not base:
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        logits = base.get_output_embeddings()(hidden[:, :-1][mask])
+        loss = head_cross_entropy(base.get_output_embeddings(), hidden[:, :-1][mask], targets[mask])
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
-    loss = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
+        loss = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
     return loss, n_tokens
