@@ -17,14 +17,19 @@ class PathOutsideRoot(UserError):
     """A requested path that resolves outside the folder it must stay in."""
 
 
-def confine(raw: str, workspace: Path, root: Path, what: str) -> Path:
-    """`raw` (relative to the workspace, or absolute) resolved; it must lie under `root`."""
+def check_path_text(raw: str, what: str) -> None:
+    """Refuse what no file name should hold, before the path reaches the file system."""
     if "\x00" in raw:
         raise UserError(f"{what} contains a NUL byte")
     if "\\" in raw:
         raise UserError(f"{what} contains a backslash; use / between folders")
     if any(len(part.encode()) > MAX_NAME_BYTES for part in Path(raw).parts):
         raise UserError(f"{what} has a name longer than {MAX_NAME_BYTES} bytes")
+
+
+def confine(raw: str, workspace: Path, root: Path, what: str) -> Path:
+    """`raw` (relative to the workspace, or absolute) resolved; it must lie under `root`."""
+    check_path_text(raw, what)
     resolved = (workspace / raw).resolve()  # an absolute raw replaces the workspace
     if not resolved.is_relative_to(root.resolve()):
         rel_root = root.relative_to(workspace) if root.is_relative_to(workspace) else root

@@ -15,6 +15,8 @@ from gpt_service.config import DatasetFormat
 from gpt_service.errors import UserError
 
 EXTENSION_FORMATS: dict[str, DatasetFormat] = {".json": "json", ".jsonl": "jsonl", ".txt": "txt"}
+# Far above any max_length; a longer record is a broken file (a missing line break), not a sample.
+MAX_RECORD_CHARS = 1_000_000
 
 Record = dict[str, Any]
 
@@ -65,6 +67,11 @@ def read_records(path: str | Path, dataset_format: str | None = None) -> list[Re
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     text = _decode(path)
+    if fmt in ("txt", "jsonl"):
+        for number, line in enumerate(text.split("\n"), start=1):
+            if len(line) > MAX_RECORD_CHARS:
+                raise DatasetError(f"{path}: line {number} has {len(line):,} characters; a record may have at "
+                                   f"most {MAX_RECORD_CHARS:,} (is a line break missing?)")
     if fmt == "txt":
         records: list[Any] = [{"text": line} for line in text.split("\n") if line.strip()]
     elif fmt == "jsonl":
@@ -94,4 +101,17 @@ def read_records(path: str | Path, dataset_format: str | None = None) -> list[Re
             raise DatasetError(
                 f"{path}: record {index + 1} is {type(record).__name__}, expected an object"
             )
+        if (size := _text_size(record)) > MAX_RECORD_CHARS:
+            raise DatasetError(f"{path}: record {index + 1} holds {size:,} characters of text; a record may "
+                               f"have at most {MAX_RECORD_CHARS:,}")
     return records
+
+
+def _text_size(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_size(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_text_size(v) for v in value)
+    return 0

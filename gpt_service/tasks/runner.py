@@ -76,7 +76,7 @@ class StoreReporter(logging.Handler):
 def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return f"out of memory: {exc}".rstrip(": ")
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "no space left" in str(exc).lower():
         return f"no space left on device: {exc}"
     if isinstance(exc, UserError):
         return str(exc)

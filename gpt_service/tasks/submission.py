@@ -15,7 +15,7 @@ from gpt_service.config import TrainConfig, build_train_config
 from gpt_service.data.readers import guess_format
 from gpt_service.errors import UserError
 from gpt_service.model_sources import check_local_model_dir, resolve_model_source
-from gpt_service.paths import confine
+from gpt_service.paths import check_path_text, confine
 from gpt_service.settings import ServiceSettings
 
 
@@ -44,12 +44,14 @@ def dataset_file(raw: str, settings: ServiceSettings, what: str, dataset_format:
 
 def looks_like_path(raw: str, settings: ServiceSettings) -> bool:
     """A folder name rather than a hub id: absolute, relative-looking, existing, or under models/."""
-    return (raw.startswith(("/", ".", "~")) or (settings.workspace / raw).exists()
-            or Path(raw).parts[:1] == (settings.models_root.name,))
+    parts = Path(raw).parts
+    return (raw.startswith(("/", ".", "~")) or ".." in parts or (settings.workspace / raw).exists()
+            or parts[:1] == (settings.models_root.name,))
 
 
 def model_location(raw: str, settings: ServiceSettings, what: str) -> str:
     """A model folder under the models root, or a hub id that may be loaded."""
+    check_path_text(raw, what)
     if looks_like_path(raw, settings):
         path = confine(raw, settings.workspace, settings.models_root, what)
         if not path.is_dir():

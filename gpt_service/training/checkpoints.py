@@ -65,6 +65,13 @@ def publish_atomically(target: Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
+def remove_unfinished_writes(output_dir: Path) -> None:
+    """Delete the hidden temporary folders a killed run left behind; they were never published."""
+    if output_dir.is_dir():
+        for debris in output_dir.glob(".*.tmp-*"):
+            shutil.rmtree(debris, ignore_errors=True)
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not output_dir.is_dir():

@@ -36,6 +36,7 @@ from gpt_service.training.checkpoints import (
     list_checkpoints,
     load_checkpoint,
     publish_atomically,
+    remove_unfinished_writes,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -59,6 +60,7 @@ def default_output_dir(models_root: str | Path = "models") -> Path:
 
 def claim_output_dir(output_dir: Path, config: TrainConfig) -> None:
     """Refuse to write over another run's files unless resuming or told to overwrite."""
+    remove_unfinished_writes(output_dir)
     if config.resume_from_checkpoint or not output_dir.exists():
         return
     if not output_dir.is_dir():
