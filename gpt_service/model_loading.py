@@ -8,14 +8,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from gpt_service.model_sources import resolve_model_source
+from gpt_service.model_sources import ModelSourceError, resolve_model_source
 
 hf_logging.disable_progress_bar()
 
 
 def load_tokenizer(name_or_path: str, allow_downloads: bool | None = None) -> Any:
     source, local_only = resolve_model_source(name_or_path, allow_downloads)
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"cannot load the tokenizer of {name_or_path}: {exc}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -26,7 +29,10 @@ def load_causal_lm(
     allow_downloads: bool | None = None,
 ) -> Any:
     source, local_only = resolve_model_source(name_or_path, allow_downloads)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, local_files_only=local_only, use_safetensors=True, trust_remote_code=False
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, local_files_only=local_only, use_safetensors=True, trust_remote_code=False
+        )
+    except (OSError, ValueError) as exc:  # custom code refused, missing files, unknown architecture
+        raise ModelSourceError(f"cannot load the model {name_or_path}: {exc}") from exc
     return model.to(device)
