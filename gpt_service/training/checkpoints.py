@@ -7,6 +7,7 @@ newest, never a half-written one. The same holds for the published `lora_adapter
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import torch
 
 from gpt_service.errors import UserError
 
+DISK_FULL_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
@@ -50,8 +52,14 @@ def publish_atomically(target: Path, write: Callable[[Path], None]) -> Path:
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
-        write(tmp)
-        _fsync_tree(tmp)
+        try:
+            write(tmp)
+            _fsync_tree(tmp)
+        except Exception as exc:
+            if shutil.disk_usage(target.parent).free < DISK_FULL_BYTES:
+                # torch's zip writer reports a full disk as "unexpected pos ..."; say what happened.
+                raise OSError(errno.ENOSPC, f"No space left on device while writing {target}") from exc
+            raise
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             target.rename(old)
