@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,7 +47,7 @@ def slow_saves(workspace: Path, server_env: dict[str, str], save_log: Path) -> I
     server.stop()
 
 
-def wait_until(predicate, timeout: float = 90) -> None:  # noqa: ANN001
+def wait_until(predicate: Callable[[], bool], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out"

@@ -19,7 +19,7 @@ if os.environ.get("GPT_SERVICE_TEST_SAVE_LOG") or os.environ.get("GPT_SERVICE_TE
     _save = torch.save
     _saves = {"count": 0}
 
-    def _instrumented_save(obj, f, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def _instrumented_save(obj: object, f: object, *args: object, **kwargs: object) -> object:
         if str(f).endswith("optimizer.pt"):
             limit = os.environ.get("GPT_SERVICE_TEST_ENOSPC_AFTER")
             if limit and _saves["count"] >= int(limit):
