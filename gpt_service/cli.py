@@ -2,6 +2,7 @@
 
     gpt-service demo-model DIR      build the tiny offline demo model
     gpt-service train --help        fine-tune with LoRA (same flags as scripts/train_lora.py)
+    gpt-service evaluate --help     loss, perplexity, accuracy and answer scores of a model or adapter
     gpt-service quickstart          demo model + fine-tune + base vs adapter, offline
     gpt-service serve               start the HTTP service (127.0.0.1:8000, docs at /docs)
 """
@@ -20,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo-model", help="build the tiny offline demo model")
     demo.add_argument("dir")
     commands.add_parser("train", help="fine-tune with LoRA (see `gpt-service train --help`)", add_help=False)
+    commands.add_parser("evaluate", help="evaluate a model or adapter on a dataset (see `gpt-service evaluate "
+                        "--help`)", add_help=False)
     quick = commands.add_parser("quickstart", help="offline demo: fine-tune the demo model, compare outputs")
     quick.add_argument("--dataset", default="data/train.json")
     serve = commands.add_parser("serve", help="start the HTTP service")
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--database-url", help="SQLAlchemy URL of the task store (default: SQLite in the workspace)")
     serve.add_argument("--max-concurrent-tasks", type=int, help="trainings run at once (default 1)")
     serve.add_argument("--allow-downloads", action="store_true", default=None, help="fetch hub ids not cached")
+    serve.add_argument("--log-format", choices=["text", "json"], help="json: one JSON object a line")
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but /health "
                        "(or set GPT_SERVICE_API_KEY)")
     serve.add_argument("--allow-insecure-bind", action="store_true", default=None,
@@ -37,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         from gpt_service.training.command import main as train_main
 
         return train_main(argv[1:], prog="gpt-service train")
+    if argv[:1] == ["evaluate"]:
+        from gpt_service.evaluation.command import main as evaluate_main
+
+        return evaluate_main(argv[1:], prog="gpt-service evaluate")
     args = parser.parse_args(argv)
     if args.command == "demo-model":
         from pathlib import Path
@@ -65,12 +73,18 @@ def serve_command(args: argparse.Namespace) -> int:
     settings = load_settings(host=args.host, port=args.port, workspace=args.workspace,
                              database_url=args.database_url, max_concurrent_tasks=args.max_concurrent_tasks,
                              allow_downloads=args.allow_downloads, api_key=args.api_key,
-                             allow_insecure_bind=args.allow_insecure_bind)
+                             allow_insecure_bind=args.allow_insecure_bind, log_format=args.log_format)
     if not is_loopback(settings.host) and not settings.api_key and not settings.allow_insecure_bind:
         print(f"error: refusing to listen on {settings.host} without an API key; set --api-key (or "
               "GPT_SERVICE_API_KEY), or pass --allow-insecure-bind if this network is trusted", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    import logging
+
+    from gpt_service.api.observability import logging_config
+
+    logging.captureWarnings(True)  # library warnings become log records, JSON ones when asked
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_config=logging_config(settings.log_format == "json"))
     return 0
 
 

@@ -28,6 +28,10 @@ class ServiceSettings(BaseSettings):
     max_concurrent_tasks: int = Field(1, ge=1, le=64, description="Trainings run at once.")
     auto_resume: bool = Field(True, description="Re-queue tasks a server restart interrupted.")
     allow_downloads: bool = Field(False, description="Fetch hub ids that are not in the local cache.")
+    evaluate_task_threshold: int = Field(
+        200, ge=0, description="An evaluation of more samples than this runs as a task in the training queue; "
+        "a smaller one answers at once."
+    )
     cancel_grace_seconds: float = Field(10.0, gt=0, description="A cancelled training gets this long to stop.")
     log_tail_lines: int = Field(1000, ge=10, description="Log lines kept per task.")
     serve_dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$",
@@ -38,6 +42,7 @@ class ServiceSettings(BaseSettings):
     max_prompt_chars: int = Field(200_000, ge=1, description="Longest prompt, in characters.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body; past it, 413.")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (off when empty).")
+    log_format: str = Field("text", pattern="^(text|json)$", description="json: one JSON object a line.")
     allow_insecure_bind: bool = Field(
         False, description="Listen on a non-loopback address without an API key (otherwise refused)."
     )

@@ -10,7 +10,8 @@ from fastapi import FastAPI
 
 from gpt_service import __version__
 from gpt_service.api.errors import install_error_handlers
-from gpt_service.api.routes import openai_compat, serving, training
+from gpt_service.api.observability import install_metrics
+from gpt_service.api.routes import console, evaluation, openai_compat, serving, training
 from gpt_service.api.security import ApiKeyMiddleware, BodyLimitMiddleware
 from gpt_service.settings import ServiceSettings, load_settings
 from gpt_service.tasks.store import TaskStore
@@ -41,12 +42,15 @@ def create_app(settings: ServiceSettings | None = None, *, run_worker: bool = Tr
     app.include_router(training.router)
     app.include_router(serving.router)
     app.include_router(openai_compat.router)
+    app.include_router(evaluation.router)
+    console.install(app)  # the web console at /
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    install_metrics(app)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
 

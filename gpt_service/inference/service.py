@@ -7,6 +7,7 @@ trains never imports torch in its own process.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ class InferenceService:
     def __init__(self, settings: ServiceSettings) -> None:
         self.registry = ModelRegistry(settings.max_batch_size, settings.max_waiting_requests)
         self.default_dtype = settings.serve_dtype
+        self.generated_tokens: Counter[str] = Counter()  # per model name, for /metrics
 
     async def load(self, name: str, model_path: str, lora_adapter: str | None, dtype: str | None,
                    replace: bool) -> dict[str, Any]:
@@ -79,6 +81,8 @@ class InferenceService:
             try:
                 while True:
                     event = await queue.get()
+                    if event.finish_reason:
+                        self.generated_tokens[served.name] += event.completion_tokens
                     yield event
                     if event.finish_reason:
                         return

@@ -1,0 +1,118 @@
+"""`/metrics` in Prometheus format, and one-JSON-object-a-line logs when asked.
+
+Request counts and latency are recorded by a middleware; queue depth, tasks by status, training
+speed and models loaded are read from the store and the engines at scrape time, so they are
+never stale. Each app has its own registry (no import-time globals).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gpt_service.tasks.store import STATUSES
+
+
+class _StateCollector(Collector):
+    """Figures read from the app's store and inference engines at each scrape."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Any]:
+        state = self.app.state
+        tasks = GaugeMetricFamily("gpt_service_tasks", "Tasks by status.", labels=["status"])
+        counts = state.store.count_by_status() if hasattr(state, "store") else {}
+        for status in STATUSES:
+            tasks.add_metric([status], counts.get(status, 0))
+        yield tasks
+        speed = GaugeMetricFamily("gpt_service_training_tokens_per_second",
+                                  "Training throughput of each running task.", labels=["task_id"])
+        for task in state.store.with_status("running") if hasattr(state, "store") else []:
+            speed.add_metric([task.task_id], task.tokens_per_second or 0.0)
+        yield speed
+        inference = getattr(state, "inference", None)
+        models = inference.models() if inference else []
+        yield GaugeMetricFamily("gpt_service_models_loaded", "Model names loaded.", value=len(models))
+        depth = GaugeMetricFamily("gpt_service_queue_depth", "Requests waiting, per model.", labels=["model"])
+        running = GaugeMetricFamily("gpt_service_requests_running", "Requests generating, per model.",
+                                    labels=["model"])
+        generated = CounterMetricFamily("gpt_service_generated_tokens", "Completion tokens generated.",
+                                        labels=["model"])
+        for model in models:
+            depth.add_metric([model["model_name"]], model["waiting"])
+            running.add_metric([model["model_name"]], model["running"])
+        for name, count in (inference.generated_tokens.items() if inference else []):
+            generated.add_metric([name], count)
+        yield from (depth, running, generated)
+
+
+class _RequestMetrics:
+    """ASGI middleware: count requests by route template, method and status, and time them."""
+
+    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram) -> None:
+        self.app, self.requests, self.latency = app, requests, latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.requests.labels(path, scope["method"], str(status)).inc()
+            self.latency.labels(path).observe(time.perf_counter() - started)
+
+
+def install_metrics(app: FastAPI) -> None:
+    registry = CollectorRegistry()
+    requests = Counter("gpt_service_http_requests", "HTTP requests.", ["route", "method", "status"],
+                       registry=registry)
+    latency = Histogram("gpt_service_http_request_seconds", "HTTP request latency.", ["route"], registry=registry)
+    registry.register(_StateCollector(app))
+    app.add_middleware(_RequestMetrics, requests=requests, latency=latency)
+
+    @app.get("/metrics", tags=["service"], include_in_schema=True)
+    def metrics(_request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def logging_config(json_lines: bool) -> dict[str, Any]:
+    """A `logging.config` dict for uvicorn, our loggers and Python warnings, plain or JSON lines."""
+    formatter = {"()": JsonFormatter} if json_lines else {"format": "%(levelname)s %(name)s: %(message)s"}
+    handler = {"class": "logging.StreamHandler", "formatter": "main", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"main": formatter}, "handlers": {"main": handler},
+        "loggers": {name: {"handlers": ["main"], "level": "INFO", "propagate": False}
+                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "gpt_service", "py.warnings")},
+    }

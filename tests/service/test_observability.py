@@ -1,0 +1,52 @@
+"""/metrics in Prometheus format, /health, and JSON-lines logs, from a real server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.service.conftest import Server, free_port
+
+
+def samples(server: Server) -> dict[tuple[str, tuple], float]:
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_health_and_json_logs(workspace: Path, server_env: dict[str, str]) -> None:
+    server = Server(workspace, free_port(), server_env | {"GPT_SERVICE_LOG_FORMAT": "json"}).start()
+    try:
+        task_id = requests.post(f"{server.url}/train", json={"base_model": "models/tiny",
+                                                             "dataset_path": "data/train.json", "num_epochs": 1},
+                                timeout=30).json()["task_id"]
+        assert server.wait_for(task_id, ("completed", "failed"))["status"] == "completed"
+        assert requests.post(f"{server.url}/models/load", json={"model_name": "m", "model_path": "models/tiny"},
+                             timeout=120).ok
+        answer = requests.post(f"{server.url}/generate", json={"prompt": "hi", "model_name": "m", "max_tokens": 5},
+                               timeout=60).json()
+        requests.get(f"{server.url}/train/status/nope", timeout=10)
+
+        found = samples(server)
+        assert found[("gpt_service_http_requests_total", (("method", "POST"), ("route", "/train"),
+                                                           ("status", "200")))] == 1
+        assert found[("gpt_service_http_requests_total", (("method", "GET"), ("route", "/train/status/{task_id}"),
+                                                           ("status", "404")))] == 1
+        assert found[("gpt_service_tasks", (("status", "completed"),))] == 1
+        assert found[("gpt_service_models_loaded", ())] == 1
+        assert found[("gpt_service_queue_depth", (("model", "m"),))] == 0
+        assert found[("gpt_service_generated_tokens_total", (("model", "m"),))] == answer["usage"][
+            "completion_tokens"]
+        assert found[("gpt_service_http_request_seconds_count", (("route", "/generate"),))] == 1
+
+        health = requests.get(f"{server.url}/health", timeout=10).json()
+        assert health["worker_alive"] is True and health["engines_alive"] is True and health["models_loaded"] == 1
+    finally:
+        server.stop()
+    lines = [line for line in (workspace / f"server-{server.port}.log").read_text().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]
+    assert any(e["logger"] == "uvicorn.access" and "/generate" in e["message"] for e in entries)
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
