@@ -188,14 +188,18 @@ class TaskStore:
         with self.session() as s:
             s.execute(update(Task).where(Task.task_id == task_id).values(**fields))
 
-    def finish(self, task_id: str, status: str, error: str | None = None, **fields: Any) -> bool:
-        """Mark a task finished, unless it already is (the first verdict stands); True if it was active."""
+    def finish(self, task_id: str, status: str, error: str | None = None, pid: int | None = None,
+               **fields: Any) -> bool:
+        """Mark a task finished, unless it already is (the first verdict stands); True if it was active.
+
+        With `pid`, only while the task is still that process's run.
+        """
+        query = update(Task).where(Task.task_id == task_id, Task.status.in_(ACTIVE))
+        if pid is not None:
+            query = query.where(Task.pid == pid)
         with self.session() as s:
-            return bool(s.execute(
-                update(Task).where(Task.task_id == task_id, Task.status.in_(ACTIVE)).values(
-                    status=status, error=error, finished_at=utcnow(), pid=None, **fields
-                )
-            ).rowcount)
+            return bool(s.execute(query.values(status=status, error=error, finished_at=utcnow(), pid=None,
+                                               **fields)).rowcount)
 
     def request_cancel(self, task_id: str) -> Task | None:
         """Cancel a pending task at once; flag a running one for its process to stop."""

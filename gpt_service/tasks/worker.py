@@ -100,6 +100,8 @@ class Worker:
             task = self.store.claim_next()
             if task is None:
                 return
+            if (previous := self.children.pop(task.task_id, None)) is not None:
+                previous.process.wait()  # resumed while its last run was still exiting: let it go first
             self.logs_dir.mkdir(parents=True, exist_ok=True)
             log_path = self.logs_dir / f"{task.task_id}.log"
             env = {**os.environ, "GPT_SERVICE_DATABASE_URL": str(self.settings.database_url),
@@ -120,10 +122,11 @@ class Worker:
             if code is None:
                 continue
             del self.children[task_id]
+            # Only this run's record: a child that recorded its own verdict keeps it, and a task
+            # resumed meanwhile (a new pid, or none yet) belongs to its next run.
             if child.killed_for_cancel:
-                self.store.finish(task_id, "cancelled")
-            # A child that recorded its own verdict keeps it: finish() only touches active tasks.
-            elif self.store.finish(task_id, "failed", error=describe_exit(code)):
+                self.store.finish(task_id, "cancelled", pid=child.process.pid)
+            elif self.store.finish(task_id, "failed", error=describe_exit(code), pid=child.process.pid):
                 self.store.append_log(task_id, describe_exit(code))
 
     def _enforce_cancels(self) -> None:

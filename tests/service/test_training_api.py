@@ -224,3 +224,18 @@ def test_the_http_layer_does_not_import_torch() -> None:
            "print('torch' in sys.modules)"
     result = os.popen(f'"{os.sys.executable}" -c "{code}"').read().strip()
     assert result == "False"
+
+
+def test_resume_right_after_a_cancel_runs_to_completion(server: Server) -> None:
+    task_id = submit(server, num_epochs=30, save_steps=10, output_dir="models/again").json()["task_id"]
+    deadline = time.monotonic() + 60
+    while requests.get(f"{server.url}/train/status/{task_id}", timeout=10).json()["current_step"] < 12:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    requests.post(f"{server.url}/train/{task_id}/cancel", timeout=10)
+    server.wait_for(task_id, ("cancelled",), timeout=30)
+    resumed = requests.post(f"{server.url}/train/{task_id}/resume", timeout=10)
+    assert resumed.ok and resumed.json()["status"] == "pending"
+    final = server.wait_for(task_id, ("completed", "failed"), timeout=120)
+    assert final["status"] == "completed", final["error"]
+    assert final["attempts"] == 2
