@@ -1,10 +1,14 @@
 """`gpt-service`: the command line.
 
     gpt-service demo-model DIR      build the tiny offline demo model
-    gpt-service train --help        fine-tune with LoRA (same flags as scripts/train_lora.py)
+    gpt-service train --help        fine-tune with LoRA (same flags as scripts/train_lora.py; --url: on a service)
     gpt-service evaluate --help     loss, perplexity, accuracy and answer scores of a model or adapter
+    gpt-service status | history | logs | cancel | resume | load | unload | models | generate
+                                    a client of a running service (--url, --api-key; exit codes: see
+                                    gpt_service/client/__init__.py)
     gpt-service quickstart          demo model + fine-tune + base vs adapter, offline
     gpt-service serve               start the HTTP service (127.0.0.1:8000, docs at /docs)
+    gpt-service export --adapter DIR --merge OUT   merge an adapter into its base model
 """
 
 from __future__ import annotations
@@ -23,8 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("train", help="fine-tune with LoRA (see `gpt-service train --help`)", add_help=False)
     commands.add_parser("evaluate", help="evaluate a model or adapter on a dataset (see `gpt-service evaluate "
                         "--help`)", add_help=False)
+    from gpt_service.client.parsers import add_client_commands
+
+    add_client_commands(commands)
     quick = commands.add_parser("quickstart", help="offline demo: fine-tune the demo model, compare outputs")
     quick.add_argument("--dataset", default="data/train.json")
+    export = commands.add_parser("export", help="merge an adapter into its base model (safetensors + tokenizer)")
+    export.add_argument("--adapter", required=True, help="the adapter folder (…/lora_adapter)")
+    export.add_argument("--merge", required=True, metavar="OUT", help="folder to write the merged model to")
+    export.add_argument("--base-model", help="the base model (default: the one the adapter names)")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
     serve = commands.add_parser("serve", help="start the HTTP service")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
@@ -37,15 +49,19 @@ def main(argv: list[str] | None = None) -> int:
                        "(or set GPT_SERVICE_API_KEY)")
     serve.add_argument("--allow-insecure-bind", action="store_true", default=None,
                        help="listen on a non-loopback address without an API key")
-    if argv[:1] == ["train"]:  # the training flags are parsed by the training command itself
-        from gpt_service.training.command import main as train_main
+    if argv[:1] == ["train"]:  # the training flags are parsed by the training command itself (or sent)
+        from gpt_service.client.modes import train_entry
 
-        return train_main(argv[1:], prog="gpt-service train")
+        return train_entry(argv[1:], prog="gpt-service train")
     if argv[:1] == ["evaluate"]:
-        from gpt_service.evaluation.command import main as evaluate_main
+        from gpt_service.client.modes import evaluate_entry
 
-        return evaluate_main(argv[1:], prog="gpt-service evaluate")
+        return evaluate_entry(argv[1:], prog="gpt-service evaluate")
     args = parser.parse_args(argv)
+    if getattr(args, "client_command", None):
+        from gpt_service.client.parsers import run as run_client
+
+        return run_client(args)
     if args.command == "demo-model":
         from pathlib import Path
 
@@ -58,9 +74,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return serve_command(args)
+    if args.command == "export":
+        return export_command(args)
     from gpt_service.quickstart import run
 
     return run(args.dataset)
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from gpt_service.errors import UserError
+    from gpt_service.export import merge_adapter
+
+    try:
+        out = merge_adapter(args.adapter, args.merge, args.base_model, args.overwrite)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"merged model written to {out}")
+    return 0
 
 
 def serve_command(args: argparse.Namespace) -> int:

@@ -17,7 +17,8 @@ class EvaluationOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset_path: str = Field(..., min_length=1, max_length=4096, description="Dataset file (under data/).")
+    dataset_path: str = Field(..., min_length=1, max_length=4096,
+                              description="Dataset file, in any format training reads.")
     dataset_format: DatasetFormat | None = Field(
         None, description="json, jsonl or txt; guessed from the file extension when omitted.")
     max_samples: int | None = Field(None, ge=1, description="Evaluate only the first this many records.")

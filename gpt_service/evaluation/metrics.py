@@ -43,16 +43,17 @@ def adapter_selected(model: Any, adapter: str | None) -> Iterator[None]:
         if adapter is not None:
             raise RuntimeError(f"adapter {adapter} is not loaded on this model")
         yield
-    elif adapter is None:
-        with model.disable_adapter():
+        return
+    previous = model.active_adapter
+    try:
+        if adapter is None:
+            with model.disable_adapter():
+                yield
+        else:
+            model.set_adapter(adapter, inference_mode=True)
             yield
-    else:
-        previous = model.active_adapter
-        model.set_adapter(adapter, inference_mode=True)  # inference_mode: its weights stay frozen
-        try:
-            yield
-        finally:
-            model.set_adapter(previous, inference_mode=True)
+    finally:  # PEFT makes the active adapter trainable when it turns adapters back on: freeze it again
+        model.set_adapter(previous, inference_mode=True)
 
 
 @torch.inference_mode()

@@ -84,10 +84,14 @@ def describe_failure(exc: BaseException) -> str:
 
 
 def run_task(store: TaskStore, task_id: str) -> str:
-    """Train the task; record and return its final status."""
+    """Run the task (a training, or an evaluation by its kind); record and return its final status."""
     task = store.get(task_id)
     if task is None:
         raise SystemExit(f"no task {task_id}")
+    if task.kind == "evaluate":
+        from gpt_service.evaluation.task import run_evaluation_task
+
+        return run_evaluation_task(store, task)
     config = TrainConfig.model_validate(task.request)
     if task.resume:
         config = config.model_copy(update={"resume_from_checkpoint": "latest"})
