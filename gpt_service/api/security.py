@@ -9,7 +9,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-OPEN_PATHS = {"/health"}
+OPEN_PATHS = {"/health", "/"}  # "/" and /console/: the web console's page and assets, which hold no data
+OPEN_PREFIXES = ("/console/",)
 
 
 def is_loopback(host: str) -> bool:
@@ -35,14 +36,14 @@ async def _reply(scope: Scope, send: Send, status: int, message: str, headers: l
 
 
 class ApiKeyMiddleware:
-    """Every route but /health needs `Authorization: Bearer <key>`; a wrong or missing key gets 401."""
+    """Every route but /health and the console's page needs `Authorization: Bearer <key>`; else 401."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):
