@@ -86,14 +86,14 @@ def test_train_watch_load_and_stream_in_the_browser(guarded: Server, browser: An
     Select(dataset).select_by_value("data/train.json")
     Select(find(By.ID, "base-model")).select_by_value("models/tiny")
     form = find(By.ID, "train-form")
-    for name, value in {"output_dir": "models/console-run", "num_epochs": "15", "learning_rate": "5e-3",
+    for name, value in {"output_dir": "models/console-run", "num_epochs": "80", "learning_rate": "5e-3",
                         "eval_steps": "8", "save_steps": "1000", "lora.target_modules": "all-linear"}.items():
         form.find_element(By.NAME, name).send_keys(value)
     find(By.ID, "start-training").click()
     wait_until(lambda: "#/tasks/" in browser.current_url, what="the task page")
     task_id = browser.current_url.rsplit("/", 1)[1]
     config = requests.get(f"{guarded.url}/train/{task_id}/config", headers=AUTH, timeout=10).json()["config"]
-    assert config["num_epochs"] == 15 and config["lora_config"]["target_modules"] == "all-linear"
+    assert config["num_epochs"] == 80 and config["lora_config"]["target_modules"] == "all-linear"
 
     # the loss curve gains points while the training runs
     def points(series: str = "loss") -> int:
