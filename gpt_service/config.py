@@ -93,6 +93,7 @@ class TrainConfig(_Settings):
         None, description='A checkpoint folder, or "latest" for the newest one in output_dir.'
     )
     overwrite_output_dir: bool = Field(False, description="Allow writing into another run's output_dir.")
+    tensorboard: bool = Field(False, description="Write TensorBoard event files to <output_dir>/runs.")
     lora_config: LoraSettings = Field(default_factory=LoraSettings)
 
     @model_validator(mode="after")

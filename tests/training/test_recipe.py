@@ -89,3 +89,17 @@ def test_checkpoints_hold_everything_and_only_the_newest_are_kept(tiny_model: Pa
     assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
             "rng_state.pt", "trainer_state.json"} <= files
     assert not list(out.glob(".*"))  # no temporary folder left behind
+
+
+def test_tensorboard_event_files_hold_the_loss_curve(tiny_model: Path, tmp_path: Path, text_records) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dataset = write_json(tmp_path / "train.json", text_records)
+    result = run_lora_finetune(build_train_config({
+        "base_model": str(tiny_model), "dataset_path": str(dataset), "output_dir": str(tmp_path / "run"),
+        "num_epochs": 2, "batch_size": 4, "validation_split": 0.25, "eval_steps": 1, "tensorboard": True,
+    }))
+    events = EventAccumulator(str(tmp_path / "run" / "runs")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, result.total_steps + 1))
+    assert len(events.Scalars("eval/loss")) == result.total_steps
+    assert events.Scalars("train/loss")[-1].value == pytest.approx(result.final_loss, rel=1e-5)
