@@ -2,16 +2,20 @@
 
 One thread per base model runs the loop. At every token step, waiting requests join the running
 batch (their prompts are prefilled together, then their KV caches are merged into the batch's)
-and finished ones leave it. Rows of different adapters share the batch through PEFT's
-mixed-adapter forward (`adapter_names`). The batch's KV cache is left-padded: each row keeps its
-own keys and values, and the attention mask hides the padding.
+and finished ones leave it. Rows of different adapters share the batch: the prefill goes through
+PEFT's mixed-adapter forward (`adapter_names`), and the decode steps of Llama-style models through
+`_FastDecoder`, which applies every row's adapter in two batched matrix products per projection
+(other models decode through PEFT's forward too). The batch's KV cache is left-padded: each row
+keeps its own keys and values, and the attention mask hides the padding.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +29,89 @@ from gpt_service.inference.text import TextAssembler
 
 log = logging.getLogger(__name__)
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class ThreadTuner:
+    """Chooses the engine's intra-op thread count from the decode steps it times, again and again.
+
+    More threads shorten a step's matrix products when the cores are free, but each product waits
+    for its slowest thread: on a small machine where the HTTP event loop, the clients or another
+    process keep a core busy, a two-thread step can take ten times as long as a one-thread one.
+    So now and then a short trial runs pairs of steps of one batch, one step on a single thread and
+    the next on all of them, and keeps all of them if they were faster in most of `pairs` pairs (a
+    much slower step ends the trial at once). The next trial comes after `period` decode steps,
+    twice as many (up to 16 times) each time a trial confirms the choice. OMP_NUM_THREADS, when
+    set, fixes the count instead.
+    """
+
+    def __init__(self, most: int | None = None, period: int = 256, pairs: int = 5) -> None:
+        self.most = most or torch.get_num_threads()
+        self.tuning = self.most > 1 and not os.environ.get("OMP_NUM_THREADS")
+        self.current = 1 if self.tuning else self.most
+        self.base_period, self.period, self.pairs = period, period, pairs
+        self._countdown = 0  # decode steps until the next trial
+        self._wins: list[bool] = []  # per pair: were all threads faster?
+        self._first: tuple[int, float] | None = None  # the pair's one-thread step: (rows, seconds)
+        self._trial_steps = 0
+        self._threads = self.current
+        self._rows = 0
+        self._in_trial = False
+
+    def before_decode(self, rows: int) -> None:
+        """Set the thread count for the coming decode step of `rows` rows."""
+        self._rows = rows
+        self._in_trial = self.tuning and self._countdown <= 0
+        if not self._in_trial:
+            self._countdown -= 1
+            threads = self.current
+        else:  # a pair's second step runs on all threads, if the batch is still the same
+            threads = self.most if self._first is not None and self._first[0] == rows else 1
+        self._threads = threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+    def after_decode(self, seconds: float) -> None:
+        if not self._in_trial:
+            return
+        self._trial_steps += 1
+        much_slower = False
+        if self._threads == 1:
+            self._first = (self._rows, seconds)
+        else:
+            assert self._first is not None
+            self._wins.append(seconds < self._first[1])
+            much_slower = seconds > 1.5 * self._first[1]
+            self._first = None
+        if much_slower or len(self._wins) >= self.pairs or self._trial_steps >= 8 * self.pairs:
+            if much_slower or len(self._wins) >= self.pairs:
+                choice = self.most if not much_slower and sum(self._wins) * 2 > len(self._wins) else 1
+                self.period = min(2 * self.period, 16 * self.base_period) if choice == self.current \
+                    else self.base_period
+                self.current = choice
+                log.debug("decode steps on %d thread(s): %d of %d pairs were faster on %d", self.current,
+                          sum(self._wins), len(self._wins), self.most)
+            self._countdown, self._wins, self._first, self._trial_steps = self.period, [], None, 0
+            if torch.get_num_threads() != self.current:
+                torch.set_num_threads(self.current)
+
+
+def _free_memory() -> int:
+    """Bytes of memory available to this process (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _contiguous_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0].contiguous(), *args[1:]) if args and isinstance(args[0], torch.Tensor) else args
 
 
 @dataclass
@@ -57,7 +144,23 @@ class _Row:
         self.position = len(request.prompt_ids)  # position id of the next token fed in
         seed = request.params.seed
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.seen = torch.tensor(request.prompt_ids, dtype=torch.long)
+        self.fast_greedy = request.params.greedy and request.params.repetition_penalty == 1.0
+        self._seen: torch.Tensor | None = None  # prompt + generated, kept only for the repetition penalty
+        self._seen_len = 0
+
+    def seen(self) -> torch.Tensor:
+        """The prompt's and the answer's tokens so far, appended to in place (no copy per step)."""
+        prompt = self.request.prompt_ids
+        total = len(prompt) + len(self.generated)
+        if self._seen is None or total > self._seen.numel():
+            grown = torch.empty(max(total, len(prompt) + self.request.params.max_tokens), dtype=torch.long)
+            grown[:len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            self._seen, self._seen_len = grown, len(prompt)
+        if self._seen_len < total:
+            self._seen[self._seen_len:total] = torch.tensor(self.generated[self._seen_len - len(prompt):],
+                                                            dtype=torch.long)
+            self._seen_len = total
+        return self._seen[:total]
 
     def emit(self, text: str = "", finish_reason: str | None = None, error: str | None = None) -> None:
         self.request.deliver(Event(text, finish_reason, len(self.request.prompt_ids), len(self.generated), error))
@@ -79,6 +182,9 @@ class BatchEngine:
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
+        self._fast: _FastDecoder | None = None
+        self._fast_key: tuple[Any, ...] | None = None
+        self._threads: ThreadTuner | None = None  # made on the engine's own thread
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -119,11 +225,13 @@ class BatchEngine:
     # -- the loop ------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        self._threads = ThreadTuner()
         while True:
             with self._wake:
                 while not self._waiting and not self._rows and not self._closing:
                     self._wake.wait()
                 if self._closing and not self._waiting and not self._rows:
+                    self._fast = self._fast_key = None
                     return
                 room = self.max_batch_size - len(self._rows)
                 joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
@@ -139,7 +247,13 @@ class BatchEngine:
     def _step(self, joining: list[GenerationRequest]) -> None:
         joining = [r for r in joining if not r.cancelled.is_set()]
         if self._rows:
+            tuner = self._threads
+            if tuner is not None:
+                tuner.before_decode(len(self._rows))
+            began = time.perf_counter()
             self._decode()
+            if tuner is not None:
+                tuner.after_decode(time.perf_counter() - began)
         if joining:
             self._prefill(joining)
         self._drop_finished()
@@ -151,10 +265,27 @@ class BatchEngine:
         if hasattr(model, "peft_config"):
             kwargs["adapter_names"] = adapters
         device = model.device
-        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                    position_ids=positions.to(device), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1, **kwargs)
+        # The last position of a longer input is a strided slice; torch multiplies such a 3-d slice by
+        # a frozen weight by expanding the weight once per row (a 16-row bf16 prefill took over a
+        # second in the output layer alone), so the output layer is handed a contiguous copy.
+        head = model.get_output_embeddings() if input_ids.shape[1] > 1 else None
+        hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
+        try:
+            out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                        position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                        logits_to_keep=1, **kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
         return out.logits[:, -1].float().cpu()
+
+    def _fast_decoder(self) -> _FastDecoder | None:
+        """The fast decode step for the model as it is now (adapters come and go between steps)."""
+        model = self.model_ref()
+        key = (model, tuple(getattr(model, "peft_config", {})))
+        if self._fast_key is None or self._fast_key[0] is not model or self._fast_key[1:] != key[1:]:
+            self._fast, self._fast_key = _FastDecoder.for_model(model, self._fast), key
+        return self._fast
 
     def _prefill(self, requests: list[GenerationRequest]) -> None:
         width = max(len(r.prompt_ids) for r in requests)
@@ -174,22 +305,36 @@ class BatchEngine:
         self._advance(rows, logits)
 
     def _decode(self) -> None:
-        last = torch.tensor([[row.generated[-1]] for row in self._rows], dtype=torch.long)
-        positions = torch.tensor([[row.position] for row in self._rows], dtype=torch.long)
-        for row in self._rows:
+        rows = self._rows
+        last = torch.tensor([row.generated[-1] for row in rows], dtype=torch.long)
+        positions = torch.tensor([row.position for row in rows], dtype=torch.long)
+        for row in rows:
             row.position += 1
         assert self._mask is not None and self._cache is not None
-        self._mask = torch.cat([self._mask, torch.ones((len(self._rows), 1), dtype=torch.long)], dim=1)
-        logits = self._forward(last, self._mask, positions, self._cache,
-                               [row.request.adapter or BASE_ADAPTER for row in self._rows])
-        self._advance(self._rows, logits)
+        self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        adapters = [row.request.adapter or BASE_ADAPTER for row in rows]
+        fast = self._fast_decoder()
+        if fast is not None:
+            logits = fast.step(last, positions, self._mask, self._cache, adapters)
+        else:
+            logits = self._forward(last[:, None], self._mask, positions[:, None], self._cache, adapters)
+        self._advance(rows, logits)
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Sample each row's next token and tell its request."""
-        for row, row_logits in zip(rows, logits, strict=True):
+        """Choose each row's next token (all plain greedy rows in one argmax) and tell its request."""
+        greedy = [i for i, row in enumerate(rows) if row.fast_greedy]
+        tokens: list[int] = [0] * len(rows)
+        if greedy:
+            picked = (logits if len(greedy) == len(rows) else logits[greedy]).argmax(-1).tolist()
+            for i, token in zip(greedy, picked, strict=True):
+                tokens[i] = token
+        for i, row in enumerate(rows):
+            if not row.fast_greedy:
+                params = row.request.params
+                seen = row.seen() if params.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
+                tokens[i] = sample_row(logits[i], params, seen, row.generator)
+        for row, token in zip(rows, tokens, strict=True):
             params = row.request.params
-            seen = torch.cat([row.seen, torch.tensor(row.generated, dtype=torch.long)])
-            token = sample_row(row_logits, params, seen, row.generator)
             row.generated.append(token)
             if token in self.eos_ids:
                 row.generated.pop()  # the EOS is not part of the answer
@@ -241,3 +386,227 @@ class BatchEngine:
             layer.keys = layer.keys[index.to(layer.keys.device), :, start:]
             layer.values = layer.values[index.to(layer.values.device), :, start:]
         self._rows = [self._rows[i] for i in keep]
+
+
+# -- the decode step without the model's generic forward -------------------------------------------
+
+
+class _Group:
+    """Linear layers of the decoder that read the same input (q, k and v; gate and up; or one alone).
+
+    On CPU in bf16, their weights are laid out once, side by side, in oneDNN's blocked format: the
+    group is one matrix product, bit for bit the products of its members, without the weights being
+    re-laid out at every call (the output layer of a one-row step takes a third of the time). Their
+    LoRA adapters are stacked the same way: one product with every adapter's A of every member, a
+    per-row scale that keeps only the row's own adapter's span (times its scaling), and one product
+    with the members' B side by side give every row its own adapter's update of every member. Only
+    the adapters that the batch uses take part (the stacks of the last few sets of adapters are kept).
+    """
+
+    def __init__(self, modules: list[Any], adapter_index: dict[str, int]) -> None:
+        bases = [getattr(m, "base_layer", m) for m in modules]
+        self.weights: list[torch.Tensor] = [b.weight for b in bases]
+        self.biases: list[torch.Tensor | None] = [b.bias for b in bases]
+        self.sizes = [w.shape[0] for w in self.weights]
+        self.packed: torch.Tensor | None = None
+        self.packed_bias: torch.Tensor | None = None
+        self.lora_a: torch.Tensor | None = None  # [ranks, in]: every member's adapters' A, one after another
+        self.lora_b: torch.Tensor | None = None  # [members' outputs, ranks]: each B in its own block
+        self.row_scales: torch.Tensor | None = None  # [1 + adapters, ranks]: an adapter's scaling on its spans
+        self._columns: dict[int, list[int]] = {}  # adapter -> its columns of the stacks
+        self._subsets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        blocks = [(i, name, m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name])
+                  for i, m in enumerate(modules) for name in adapter_index if name in getattr(m, "lora_A", {})]
+        if not blocks:
+            return
+        dtypes = {t.dtype for _, _, a, b, _ in blocks for t in (a, b)}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        device = blocks[0][2].device
+        rank = sum(a.shape[0] for _, _, a, _, _ in blocks)
+        starts = [sum(self.sizes[:i]) for i in range(len(self.sizes) + 1)]
+        self.lora_a = torch.cat([a.detach().to(dtype) for _, _, a, _, _ in blocks], 0)
+        self.lora_b = torch.zeros(starts[-1], rank, dtype=dtype, device=device)
+        self.row_scales = torch.zeros(len(adapter_index) + 1, rank, dtype=dtype, device=device)
+        column = 0
+        for i, name, a, b, scaling in blocks:
+            r = a.shape[0]
+            self.lora_b[starts[i]:starts[i + 1], column:column + r] = b.detach().to(dtype)
+            self.row_scales[adapter_index[name], column:column + r] = scaling
+            self._columns.setdefault(adapter_index[name], []).extend(range(column, column + r))
+            column += r
+
+    def _stacks(self, present: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A, B and the row scales restricted to the adapters in `present` (None: none of them here)."""
+        stacks = self._subsets.get(present)
+        if stacks is None:
+            assert self.lora_a is not None and self.lora_b is not None and self.row_scales is not None
+            columns = [c for adapter in present for c in self._columns.get(adapter, ())]
+            if len(columns) == self.lora_a.shape[0]:
+                stacks = (self.lora_a, self.lora_b, self.row_scales)
+            elif columns:
+                keep = torch.tensor(columns, device=self.lora_a.device)
+                stacks = (self.lora_a[keep], self.lora_b[:, keep].contiguous(), self.row_scales[:, keep])
+            if len(self._subsets) >= 8:
+                self._subsets.clear()
+            self._subsets[present] = stacks  # type: ignore[assignment]
+        return stacks
+
+    def pack(self, previous: dict[tuple[int, ...], _Group]) -> None:
+        """Lay the weights out for oneDNN, or take the copy a previous decoder made of these very weights."""
+        old = previous.get(tuple(id(w) for w in self.weights))
+        if old is not None and all(a is b for a, b in zip(old.weights, self.weights, strict=True)):
+            self.packed, self.packed_bias = old.packed, old.packed_bias
+            return
+        weight = self.weights[0] if len(self.weights) == 1 else torch.cat(self.weights, 0)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
+        if any(b is not None for b in self.biases):
+            self.packed_bias = torch.cat([b.detach() if b is not None else torch.zeros(
+                size, dtype=weight.dtype) for b, size in zip(self.biases, self.sizes, strict=True)])
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None, present: tuple[int, ...] = ()) -> torch.Tensor:
+        """The members' outputs side by side: [rows, sum of their sizes].
+
+        rows: each row's adapter (index into the stacks; 0: none), or None when no row has one;
+        present: the adapters among them, in increasing order.
+        """
+        if self.packed is not None:
+            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.packed_bias, "none", [], "")
+        elif len(self.weights) == 1:
+            out = torch.nn.functional.linear(x, self.weights[0], self.biases[0])
+        else:
+            out = torch.cat([torch.nn.functional.linear(x, w, b) for w, b in zip(self.weights, self.biases,
+                                                                                   strict=True)], -1)
+        stacks = self._stacks(present) if rows is not None and self.lora_a is not None else None
+        if stacks is None:
+            return out
+        a, b, scales = stacks
+        low = torch.nn.functional.linear(x.to(a.dtype), a) * scales[rows]
+        return out + torch.nn.functional.linear(low, b).to(out.dtype)
+
+
+class _FastDecoder:
+    """One decode step (one new token per row) of a Llama-style model, with its LoRA rows batched.
+
+    The model's own forward spends much of a small decode step on generic machinery (mask building,
+    module dispatch, one sub-batch per adapter in PEFT's mixed-adapter forward, weights re-laid out
+    for every product). This step does the same maths for the architectures it knows, with the
+    model's own norms, rotary embedding and weights: attention over the left-padded cache with the
+    padding masked, and the projections in `_Group`s. Anything it does not know (another
+    architecture, a LoRA variant such as DoRA, adapters on other modules) is left to the model's
+    forward. The weights' blocked copies (see `_Group`) are made when they fit in a quarter of the
+    free memory.
+    """
+
+    ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+    ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+    MLP = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, model: Any, previous: _FastDecoder | None = None) -> None:
+        self.model = model
+        lm = model.get_base_model() if hasattr(model, "peft_config") else model
+        names = list(getattr(model, "peft_config", {}))
+        self.adapter_index = {name: i + 1 for i, name in enumerate(names)}
+        inner = lm.model
+        self.embed, self.rotary, self.norm = inner.embed_tokens, inner.rotary_emb, inner.norm
+        self.lm_head = _Group([lm.lm_head], {})
+        self.layers: list[tuple[Any, _Group, _Group, _Group, _Group]] = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append((layer, _Group([attn.q_proj, attn.k_proj, attn.v_proj], self.adapter_index),
+                                _Group([attn.o_proj], self.adapter_index),
+                                _Group([mlp.gate_proj, mlp.up_proj], self.adapter_index),
+                                _Group([mlp.down_proj], self.adapter_index)))
+        groups = self.groups()
+        weights = [w for g in groups for w in g.weights]
+        if torch.backends.mkldnn.is_available() and all(
+                w.device.type == "cpu" and w.dtype == torch.bfloat16 for w in weights) and sum(
+                w.numel() * w.element_size() for w in weights) * 4 <= _free_memory():
+            done = {tuple(id(w) for w in g.weights): g for g in previous.groups()} if previous else {}
+            try:
+                for group in groups:
+                    group.pack(done)
+            except (RuntimeError, AttributeError):  # a torch without these oneDNN ops: plain products
+                for group in groups:
+                    group.packed = group.packed_bias = None
+
+    def groups(self) -> list[_Group]:
+        return [self.lm_head] + [g for _, *layer_groups in self.layers for g in layer_groups]
+
+    @classmethod
+    def for_model(cls, model: Any, previous: _FastDecoder | None = None) -> _FastDecoder | None:
+        """The fast step for this model, or None where the model's own forward must run."""
+        try:
+            from peft.tuners.lora.layer import Linear as LoraLinear
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            from peft.utils.other import AuxiliaryTrainingWrapper
+        except ImportError:  # pragma: no cover - peft is a dependency
+            return None
+        lm = model.get_base_model() if hasattr(model, "peft_config") else model
+        if type(lm).__name__ not in cls.ARCHITECTURES or lm.training:
+            return None
+        if any(kind != "full_attention" for kind in getattr(lm.config, "layer_types", None) or ()):
+            return None
+        inner = getattr(lm, "model", None)
+        if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "rotary_emb", "norm", "layers")):
+            return None
+        allowed = set()
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if not all(hasattr(attn, a) for a in (*cls.ATTENTION, "scaling", "head_dim")) or not all(
+                    hasattr(mlp, a) for a in (*cls.MLP, "act_fn")):
+                return None
+            for module in [getattr(attn, n) for n in cls.ATTENTION] + [getattr(mlp, n) for n in cls.MLP]:
+                if isinstance(module, BaseTunerLayer):
+                    if type(module) is not LoraLinear or module.merged or module.disable_adapters:
+                        return None
+                    if getattr(module, "fan_in_fan_out", False) or getattr(module, "lora_variant", None) or any(
+                            getattr(module, "use_dora", {}).values()) or any(
+                            getattr(module, "lora_bias", {}).values()) or getattr(module, "lora_embedding_A", None):
+                        return None
+                    if not isinstance(module.base_layer, torch.nn.Linear):
+                        return None
+                    allowed.add(id(module))
+                elif not isinstance(module, torch.nn.Linear):
+                    return None
+        for module in lm.modules():
+            if isinstance(module, AuxiliaryTrainingWrapper) or (
+                    isinstance(module, BaseTunerLayer) and id(module) not in allowed):
+                return None
+        if not isinstance(lm.lm_head, torch.nn.Linear):
+            return None
+        return cls(model, previous)
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache,
+             adapters: list[str]) -> torch.Tensor:
+        """Last-position logits (float32, [rows, vocab]) for one new token per row; extends the cache.
+
+        ids, positions: [rows]; mask: [rows, cached + 1], 1 where a row has a token.
+        """
+        device = self.lm_head.weights[0].device
+        ids, positions, mask = ids.to(device), positions.to(device), mask.to(device)
+        index = [self.adapter_index.get(a, 0) for a in adapters]
+        present = tuple(sorted(set(index) - {0}))
+        rows = torch.tensor(index, device=device) if present else None
+        n = ids.shape[0]
+        hidden = self.embed(ids)  # [rows, hidden]
+        cos, sin = self.rotary(hidden, positions[:, None])  # [rows, 1, head_dim], broadcast over heads
+        padding = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+        padding.masked_fill_(mask == 0, torch.finfo(torch.float32).min)
+        padding = padding[:, None, None, :]
+        for (layer, qkv, o_proj, gate_up, down), cached in zip(self.layers, cache.layers, strict=True):
+            attn = layer.self_attn
+            head_dim = attn.head_dim
+            half = head_dim // 2
+            q, k, v = qkv(layer.input_layernorm(hidden), rows, present).split(qkv.sizes, -1)
+            q, k, v = q.view(n, -1, head_dim), k.view(n, -1, head_dim), v.view(n, -1, head_dim)
+            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
+            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
+            keys = cached.keys = torch.cat([cached.keys, k[:, :, None]], 2)  # [rows, kv heads, length, head_dim]
+            values = cached.values = torch.cat([cached.values, v[:, :, None]], 2)
+            grouped = q.view(n, keys.shape[1], -1, head_dim)  # the query heads that share each kv head
+            scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * attn.scaling + padding
+            weights = scores.softmax(-1).to(values.dtype)
+            hidden = hidden + o_proj(torch.matmul(weights, values).reshape(n, -1), rows, present)
+            gate, up = gate_up(layer.post_attention_layernorm(hidden), rows, present).split(gate_up.sizes, -1)
+            hidden = hidden + down(layer.mlp.act_fn(gate) * up, rows, present)
+        return self.lm_head(self.norm(hidden), None).float().cpu()

@@ -26,7 +26,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AttentionInterface, get_scheduler
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from gpt_service.config import TrainConfig
@@ -92,33 +92,68 @@ def _lora_config(config: TrainConfig) -> LoraConfig:
 # -- speed-ups that leave the result a standard PEFT LoRA ----------------------------------------
 
 CPU_ATTENTION = "gpt_service_cpu"
-# Up to this many positions, plain matmul-softmax-matmul attention beats PyTorch's CPU flash kernel
-# (2-3x at ~100 positions, forward plus backward); beyond it the flash kernel is used.
-_MATMUL_ATTENTION_MAX_LENGTH = 256
-_MATMUL_ATTENTION_MAX_SCORES = 1 << 24  # batch x heads x length^2 per layer, to bound its memory
+# Batched-matmul attention keeps its (batch x heads x length^2) scores for the backward; above this
+# many per layer, PyTorch's flash kernel (which does not) is used instead.
+_MATMUL_ATTENTION_MAX_SCORES = 1 << 25
+
+
+class _GroupedMask:
+    """The additive mask in the grouped-query layout, built once per forward pass for all layers."""
+
+    def __init__(self) -> None:
+        self.source: torch.Tensor | None = None
+        self.layout: tuple[Any, ...] | None = None
+        self.mask: torch.Tensor | None = None
+
+    def get(self, source: torch.Tensor | None, batch: int, kv_heads: int, groups: int, length: int,
+            dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        layout = (batch, kv_heads, groups, length, dtype, device)
+        if self.mask is not None and self.source is source and self.layout == layout:
+            return self.mask
+        mask = source
+        if mask is None:  # SDPA's mask is None when it would be the plain causal one
+            mask = torch.ones(1, 1, length, length, dtype=torch.bool, device=device).tril()
+        if mask.dtype == torch.bool:
+            additive = torch.zeros(mask.shape, dtype=dtype, device=device)
+            additive.masked_fill_(~mask, torch.finfo(dtype).min)
+        else:
+            additive = mask.to(dtype)
+        self.mask = (additive[:, :, None].expand(batch, kv_heads, groups, length, length)
+                     .reshape(batch * kv_heads, groups * length, length))
+        self.source, self.layout = source, layout
+        return self.mask
+
+
+_grouped_mask = _GroupedMask()
 
 
 def _cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                    **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Attention for CPU training: matmul attention for short batches, SDPA (same masks) otherwise."""
+    """Attention for CPU training: two batched matmuls when the scores fit, SDPA (same masks) otherwise.
+
+    The query heads that share a key/value head are stacked into one matrix, so keys and values
+    are never repeated, and the scale and the mask ride along in one `baddbmm`: two to four times
+    faster than PyTorch's CPU flash kernel, forward plus backward, at a few hundred positions.
+    """
     batch, heads, length, head_dim = query.shape
-    if (query.device.type != "cpu" or dropout or length > _MATMUL_ATTENTION_MAX_LENGTH
-            or key.shape[2] != length or batch * heads * length * length > _MATMUL_ATTENTION_MAX_SCORES
+    kv_heads = key.shape[1]
+    if (query.device.type != "cpu" or dropout or key.shape[2] != length or heads % kv_heads
+            or batch * heads * length * length > _MATMUL_ATTENTION_MAX_SCORES
+            or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1
+                                                or attention_mask.shape[-2:] != (length, length)))
             or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * (head_dim**-0.5 if scaling is None else scaling)
-    if attention_mask is None:  # SDPA's mask is None when it would be the plain causal one
-        attention_mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
-    if attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    else:
-        scores = scores + attention_mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+    groups = heads // kv_heads
+    mask = _grouped_mask.get(attention_mask, batch, kv_heads, groups, length, query.dtype, query.device)
+    q = query.reshape(batch * kv_heads, groups * length, head_dim)
+    k = key.reshape(batch * kv_heads, length, head_dim)
+    v = value.reshape(batch * kv_heads, length, head_dim)
+    scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=head_dim**-0.5 if scaling is None else scaling)
+    probs = torch.softmax(scores, dim=-1)  # accumulates in fp32 whatever the dtype
+    out = torch.bmm(probs, v).view(batch, heads, length, head_dim)
+    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(CPU_ATTENTION, _cpu_attention)
@@ -199,8 +234,9 @@ class _Run:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         for param in trainable:  # LoRA weights train in fp32 whatever the base dtype
             param.data = param.data.float()
-        self.optimizer = torch.optim.AdamW(
-            trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+        self.optimizer = torch.optim.AdamW(  # fused: one kernel for all LoRA tensors, not a loop over them
+            trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
+            fused=self.precision.device.type in ("cpu", "cuda"),
         )
         self.batches_per_epoch = len(epoch_batches(self.train_lengths, config.batch_size, config.seed, 0))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)

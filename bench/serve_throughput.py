@@ -1,0 +1,378 @@
+"""Serving throughput: a naive server, `transformers serve --continuous-batching`, and ours, on one model.
+
+Run it from the repository root (about 10 minutes on 2 CPU cores, no network needed):
+
+    .venv/bin/python bench/serve_throughput.py
+
+It builds the training benchmark's model (bench/train_throughput.py: Qwen2, hidden 512, 8 layers,
+8 heads, 2 KV heads, intermediate 1408, vocabulary 32000, random weights from a seed, with its
+word-level tokenizer) in a workspace's models/ folder, and 8 random LoRA adapters of it (r=16 on
+q,k,v,o, random A and B so that they differ). Then it starts, one at a time, three HTTP servers
+on 127.0.0.1 and drives their OpenAI `/v1/completions` route with greedy 128-token completions:
+
+  (a) the naive server: `transformers serve` without `--continuous-batching`, which runs one
+      `model.generate` per request, in turn, in the weights' dtype (fp32 here);
+  (b) `transformers serve --continuous-batching` (paged attention), in bf16, its best dtype on
+      this CPU (`--peer-dtypes bfloat16,float32` measures fp32 too);
+  (c) ours: `gpt-service serve`, the model loaded with POST /models/load (default dtype: auto,
+      bf16 where the CPU has fast bf16).
+
+Each server is warmed up first (one lone request, then one concurrent round at 16 clients) and
+then measured at 1, 4, 16 and 64 concurrent clients; each client sends its requests one after
+another (two rounds each; one round for the naive server, which would otherwise take minutes).
+It prints the aggregate completion tokens/s (tokens actually generated, from each response's
+usage, over the wall time of the level) and the p50/p95 request latency. Ours is measured again
+with 16 clients on one LoRA adapter, and with 16 clients spread over the 8 adapters of one base,
+all in shared batches. Prompts are 8 to 40 random words; the random model rarely emits its EOS,
+and requests that stop early are counted (see the "short" column), never padded.
+
+Options: `--only a,c` runs some servers only; `--clients 1,16` other concurrency levels;
+`--rounds N`; `--peer-dtypes bfloat16,float32`; `--keep DIR` keeps the workspace (model,
+adapters, server logs) in DIR; `--markdown FILE` writes the table there too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from train_throughput import TARGETS, build_model, build_tokenizer, word_list  # noqa: E402
+
+BIN = Path(sys.executable).parent
+MAX_TOKENS = 128
+N_ADAPTERS = 8
+MODEL_NAME = "bench"
+
+
+# -- the set-up ------------------------------------------------------------------------------
+
+
+def build_workspace(root: Path, seed: int) -> Path:
+    """workspace/models/bench-model plus workspace/models/adapter-0..7; returns the workspace."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    workspace = root / "workspace"
+    model_dir = workspace / "models" / "bench-model"
+    if not (model_dir / "model.safetensors").is_file():
+        build_model(model_dir, seed)
+        build_tokenizer(model_dir)
+    for i in range(N_ADAPTERS):
+        out = workspace / "models" / f"adapter-{i}"
+        if (out / "adapter_model.safetensors").is_file():
+            continue
+        torch.manual_seed(seed + 1000 + i)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        config = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False,
+                            task_type="CAUSAL_LM")
+        model = get_peft_model(base, config)
+        with torch.no_grad():  # PEFT's random init gives large deltas; keep them modest but real
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.02)
+        model.save_pretrained(out)
+    return workspace
+
+
+def make_prompts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = word_list()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(8, 40))) for _ in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A server process of ours (started here, stopped here), its log in the workspace."""
+
+    def __init__(self, name: str, argv: list[str], port: int, cwd: Path, log: Path) -> None:
+        self.name, self.argv, self.port, self.cwd, self.log = name, argv, port, cwd, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> Server:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self.argv, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=1).ok:
+                    return self
+            except requests.RequestException:
+                time.sleep(0.3)
+        raise TimeoutError(f"{self.name} did not start; see {self.log}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+# -- the clients -----------------------------------------------------------------------------
+
+
+@dataclass
+class Level:
+    server: str
+    label: str
+    clients: int
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(self.tokens) / self.seconds if self.seconds else 0.0
+
+    @property
+    def short(self) -> int:
+        return sum(t < MAX_TOKENS for t in self.tokens)
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        if len(self.latencies) == 1:
+            return self.latencies[0]
+        return statistics.quantiles(self.latencies, n=100, method="inclusive")[int(q) - 1]
+
+
+def drive(url: str, models: list[str], clients: int, requests_total: int, prompts: list[str],
+          level: Level, timeout: float = 900) -> Level:
+    """`clients` threads, each on its own connection, send requests one after another until
+    `requests_total` are done; client i asks for models[i % len(models)]."""
+    counter = iter(range(requests_total))
+    lock = threading.Lock()
+    start_gate = threading.Barrier(clients + 1)
+
+    def client(index: int) -> None:
+        session = requests.Session()
+        model = models[index % len(models)]
+        start_gate.wait()
+        while True:
+            with lock:
+                n = next(counter, None)
+            if n is None:
+                return
+            body = {"model": model, "prompt": prompts[n % len(prompts)], "max_tokens": MAX_TOKENS,
+                    "temperature": 0}
+            began = time.perf_counter()
+            try:
+                response = session.post(f"{url}/v1/completions", json=body, timeout=timeout)
+                response.raise_for_status()
+                tokens = response.json()["usage"]["completion_tokens"]
+            except (requests.RequestException, KeyError, ValueError) as exc:
+                with lock:
+                    level.errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            with lock:
+                level.latencies.append(time.perf_counter() - began)
+                level.tokens.append(tokens)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    start_gate.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    level.seconds = time.perf_counter() - began
+    return level
+
+
+def warm_up(url: str, models: list[str], prompts: list[str], concurrent: int) -> None:
+    drive(url, models[:1], 1, 1, prompts, Level("", "warm-up", 1))
+    if concurrent > 1:
+        drive(url, models, concurrent, concurrent, prompts[7:], Level("", "warm-up", concurrent))
+
+
+def report(level: Level) -> None:
+    errors = f", {len(level.errors)} errors (first: {level.errors[0]})" if level.errors else ""
+    print(f"  {level.server:<28} {level.label:<22} {level.clients:>3} clients: {level.tokens_per_second:8,.0f} tok/s, "
+          f"p50 {level.percentile(50):6.2f} s, p95 {level.percentile(95):6.2f} s, {len(level.tokens)} requests, "
+          f"{level.short} short{errors}", flush=True)
+
+
+def measure(server_name: str, url: str, models: list[str], clients_levels: list[int], rounds: int,
+            prompts: list[str], label: str = "base") -> list[Level]:
+    results = []
+    for clients in clients_levels:
+        level = drive(url, models, clients, max(rounds * clients, 3 if rounds == 1 else 4), prompts,
+                      Level(server_name, label, clients))
+        report(level)
+        results.append(level)
+    return results
+
+
+# -- the three servers -------------------------------------------------------------------------
+
+
+def run_transformers(workspace: Path, model_dir: Path, *, continuous: bool, dtype: str, clients: list[int],
+                     rounds: int, prompts: list[str]) -> list[Level]:
+    port = free_port()
+    argv = [str(BIN / "transformers"), "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+            "--dtype", dtype, "--continuous-batching" if continuous else "--no-continuous-batching",
+            str(model_dir)]
+    name = (f"(b) transformers serve --continuous-batching, {dtype}" if continuous
+            else f"(a) naive: transformers serve, {dtype}")
+    log = workspace / f"server-{'cb' if continuous else 'naive'}-{dtype}.log"
+    with Server(name, argv, port, workspace, log) as server:
+        if continuous:
+            warm_up(server.url, [str(model_dir)], prompts, 16)
+        else:  # nothing to batch: two lone requests
+            drive(server.url, [str(model_dir)], 1, 2, prompts, Level("", "warm-up", 1))
+        return measure(name, server.url, [str(model_dir)], clients, rounds, prompts)
+
+
+def run_ours(workspace: Path, clients: list[int], rounds: int, prompts: list[str],
+             adapters: bool) -> list[Level]:
+    port = free_port()
+    argv = [str(BIN / "python"), "-m", "gpt_service.cli", "serve", "--workspace", str(workspace), "--port", str(port)]
+    name = "(c) ours, gpt-service"
+    with Server(name, argv, port, workspace, workspace / "server-ours.log") as server:
+        load = requests.post(f"{server.url}/models/load", json={"model_name": MODEL_NAME,
+                                                                 "model_path": "models/bench-model"}, timeout=300)
+        load.raise_for_status()
+        info = load.json()
+        name = f"(c) ours, gpt-service, {info['dtype']}"
+        print(f"  loaded {MODEL_NAME}: dtype {info['dtype']}", flush=True)
+        warm_up(server.url, [MODEL_NAME], prompts, 16)
+        results = measure(name, server.url, [MODEL_NAME], clients, rounds, prompts)
+        if adapters:
+            names = [f"{MODEL_NAME}-lora-{i}" for i in range(N_ADAPTERS)]
+            for i, adapter_name in enumerate(names):
+                requests.post(f"{server.url}/models/load", json={
+                    "model_name": adapter_name, "model_path": "models/bench-model",
+                    "lora_adapter": f"models/adapter-{i}"}, timeout=300).raise_for_status()
+            warm_up(server.url, names, prompts, 16)
+            results += measure(name, server.url, names[:1], [16], rounds, prompts, label="1 LoRA adapter")
+            results += measure(name, server.url, names, [16], rounds, prompts, label=f"{N_ADAPTERS} LoRA adapters")
+    return results
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+def table(levels: list[Level]) -> str:
+    lines = ["| server | model | clients | completion tokens/s | p50 latency (s) | p95 latency (s) | requests "
+             "| short |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for lv in levels:
+        errors = f" ({len(lv.errors)} failed)" if lv.errors else ""
+        lines.append(f"| {lv.server} | {lv.label} | {lv.clients} | {lv.tokens_per_second:,.0f} | "
+                     f"{lv.percentile(50):.2f} | {lv.percentile(95):.2f} | {len(lv.tokens)}{errors} | {lv.short} |")
+    return "\n".join(lines)
+
+
+def verdict(levels: list[Level]) -> str:
+    def rate(prefix: str, clients: int, label: str = "base") -> float | None:
+        for lv in levels:
+            if lv.server.startswith(prefix) and lv.clients == clients and lv.label == label:
+                return lv.tokens_per_second
+        return None
+
+    lines = []
+    naive16, cb16, ours16 = rate("(a)", 16), rate("(b)", 16), rate("(c)", 16)
+    if ours16 and naive16:
+        lines.append(f"ours / (a) at 16 clients: {ours16 / naive16:.1f}x (target >= 20x)")
+    if ours16 and cb16:
+        lines.append(f"ours / (b) at 16 clients: {ours16 / cb16:.2f}x (target >= 1.5x)")
+    ours64, cb64 = rate("(c)", 64), rate("(b)", 64)
+    if ours64 and cb64:
+        lines.append(f"ours / (b) at 64 clients: {ours64 / cb64:.2f}x (target > 1x)")
+    one, mix = rate("(c)", 16, "1 LoRA adapter"), rate("(c)", 16, f"{N_ADAPTERS} LoRA adapters")
+    if one and mix:
+        lines.append(f"{N_ADAPTERS}-adapter mix / one adapter at 16 clients: {mix / one:.2f}x (target >= 0.7x)")
+    ours1, naive1 = rate("(c)", 1), rate("(a)", 1)
+    if ours1 and naive1:
+        lines.append(f"ours / (a), a lone client: {ours1 / naive1:.2f}x (target >= 1x)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="a,b,c", help="which servers, e.g. b,c")
+    parser.add_argument("--clients", default="1,4,16,64", help="concurrency levels")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client per level (naive server: 1)")
+    parser.add_argument("--peer-dtypes", default="bfloat16", help="dtypes for (b), e.g. bfloat16,float32")
+    parser.add_argument("--no-adapters", action="store_true", help="skip ours with LoRA adapters")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", type=Path, help="keep the workspace (model, adapters, logs) in this folder")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    args = parser.parse_args()
+    runs = [r.strip() for r in args.only.split(",")]
+    clients = [int(c) for c in args.clients.split(",")]
+
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        began = time.perf_counter()
+        workspace = build_workspace(root, args.seed)
+        model_dir = workspace / "models" / "bench-model"
+        prompts = make_prompts(256, args.seed)
+        print(f"model and {N_ADAPTERS} adapters ready in {workspace} ({time.perf_counter() - began:.0f} s); "
+              f"greedy {MAX_TOKENS}-token completions, clients {clients}", flush=True)
+        levels: list[Level] = []
+        for key in runs:
+            if key == "a":
+                levels += run_transformers(workspace, model_dir, continuous=False, dtype="float32", clients=clients,
+                                           rounds=1, prompts=prompts)
+            elif key == "b":
+                for dtype in args.peer_dtypes.split(","):
+                    levels += run_transformers(workspace, model_dir, continuous=True, dtype=dtype, clients=clients,
+                                               rounds=args.rounds, prompts=prompts)
+            elif key == "c":
+                levels += run_ours(workspace, clients, args.rounds, prompts, adapters=not args.no_adapters)
+            else:
+                raise SystemExit(f"unknown server {key!r}")
+        text = table(levels) + "\n\n" + verdict(levels)
+        print()
+        print(text)
+        print(f"\ntotal {time.perf_counter() - began:.0f} s")
+        if args.markdown:
+            args.markdown.write_text(text + "\n", encoding="utf-8")
+        print(json.dumps([{"server": lv.server, "model": lv.label, "clients": lv.clients,
+                           "tokens_per_second": round(lv.tokens_per_second, 1), "p50": round(lv.percentile(50), 3),
+                           "p95": round(lv.percentile(95), 3), "requests": len(lv.tokens), "short": lv.short,
+                           "errors": len(lv.errors)} for lv in levels]))
+
+
+if __name__ == "__main__":
+    main()
