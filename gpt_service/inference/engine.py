@@ -3,10 +3,11 @@
 One thread per base model runs the loop. At every token step, waiting requests join the running
 batch (their prompts are prefilled together, then their KV caches are merged into the batch's)
 and finished ones leave it. Rows of different adapters share the batch: the prefill goes through
-PEFT's mixed-adapter forward (`adapter_names`), and the decode steps of Llama-style models through
-`_FastDecoder`, which applies every row's adapter in two batched matrix products per projection
-(other models decode through PEFT's forward too). The batch's KV cache is left-padded: each row
-keeps its own keys and values, and the attention mask hides the padding.
+PEFT's mixed-adapter forward (`adapter_names`); the decode steps of Llama-style models (Qwen2,
+Llama) go through `_FastDecoder`, the same maths without the generic forward's per-step costs,
+each row with its own adapter in a few batched products per projection (other models decode
+through PEFT's forward too). The batch's KV cache is left-padded: each row keeps its own keys and
+values, and the attention mask hides the padding. `ThreadTuner` picks the step's thread count.
 """
 
 from __future__ import annotations
@@ -391,16 +392,48 @@ class BatchEngine:
 # -- the decode step without the model's generic forward -------------------------------------------
 
 
+@dataclass
+class _AdapterRows:
+    """Which rows of a decode step use which adapter, as the LoRA products of `_Group` need it."""
+
+    present: tuple[int, ...]  # the adapters used (indices into the groups' stacks), in increasing order
+    gather: torch.Tensor  # the rows of each present adapter in turn, each padded to `width` rows
+    width: int
+    slots: torch.Tensor | None  # the real (not padding) rows among the gathered ones; None: all are real
+    rows: torch.Tensor  # the batch row of each real slot
+
+    @classmethod
+    def of(cls, index: list[int], device: torch.device) -> _AdapterRows | None:
+        by_adapter: dict[int, list[int]] = {}
+        for row, adapter in enumerate(index):
+            if adapter:
+                by_adapter.setdefault(adapter, []).append(row)
+        if not by_adapter:
+            return None
+        present = tuple(sorted(by_adapter))
+        width = max(len(rows) for rows in by_adapter.values())
+        gather, slots, real = [], [], []
+        for j, adapter in enumerate(present):
+            rows = by_adapter[adapter]
+            gather += rows + [rows[0]] * (width - len(rows))
+            slots += range(j * width, j * width + len(rows))
+            real += rows
+        padded = len(slots) != len(gather)
+        return cls(present, torch.tensor(gather, device=device), width,
+                   torch.tensor(slots, device=device) if padded else None, torch.tensor(real, device=device))
+
+
 class _Group:
     """Linear layers of the decoder that read the same input (q, k and v; gate and up; or one alone).
 
     On CPU in bf16, their weights are laid out once, side by side, in oneDNN's blocked format: the
     group is one matrix product, bit for bit the products of its members, without the weights being
-    re-laid out at every call (the output layer of a one-row step takes a third of the time). Their
-    LoRA adapters are stacked the same way: one product with every adapter's A of every member, a
-    per-row scale that keeps only the row's own adapter's span (times its scaling), and one product
-    with the members' B side by side give every row its own adapter's update of every member. Only
-    the adapters that the batch uses take part (the stacks of the last few sets of adapters are kept).
+    re-laid out at every call (the output layer of a one-row step takes a third of the time).
+
+    LoRA: each adapter's A matrices of all members side by side, and its B matrices in blocks, make
+    one low-rank pair per adapter, stacked over adapters. A step gathers each adapter's rows (padded
+    to the largest group), multiplies them by their own adapter's pair in two batched products, and
+    adds the result to those rows: every adapter used costs its own rows' work, not the batch's.
     """
 
     def __init__(self, modules: list[Any], adapter_index: dict[str, int]) -> None:
@@ -410,46 +443,35 @@ class _Group:
         self.sizes = [w.shape[0] for w in self.weights]
         self.packed: torch.Tensor | None = None
         self.packed_bias: torch.Tensor | None = None
-        self.lora_a: torch.Tensor | None = None  # [ranks, in]: every member's adapters' A, one after another
-        self.lora_b: torch.Tensor | None = None  # [members' outputs, ranks]: each B in its own block
-        self.row_scales: torch.Tensor | None = None  # [1 + adapters, ranks]: an adapter's scaling on its spans
-        self._columns: dict[int, list[int]] = {}  # adapter -> its columns of the stacks
+        self.lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # A [adapters + 1, in, rank],
+        # B [adapters + 1, rank, outputs], scaling [adapters + 1, 1, rank]; adapter 0 (none) is zero
         self._subsets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        blocks = [(i, name, m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name])
-                  for i, m in enumerate(modules) for name in adapter_index if name in getattr(m, "lora_A", {})]
+        blocks: dict[int, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
+        for i, module in enumerate(modules):
+            for name, adapter in adapter_index.items():
+                if name in getattr(module, "lora_A", {}):
+                    blocks.setdefault(adapter, []).append(
+                        (i, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]))
         if not blocks:
             return
-        dtypes = {t.dtype for _, _, a, b, _ in blocks for t in (a, b)}
+        dtypes = {t.dtype for parts in blocks.values() for _, a, b, _ in parts for t in (a, b)}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        device = blocks[0][2].device
-        rank = sum(a.shape[0] for _, _, a, _, _ in blocks)
+        device = next(iter(blocks.values()))[0][1].device
+        rank = max(sum(a.shape[0] for _, a, _, _ in parts) for parts in blocks.values())
         starts = [sum(self.sizes[:i]) for i in range(len(self.sizes) + 1)]
-        self.lora_a = torch.cat([a.detach().to(dtype) for _, _, a, _, _ in blocks], 0)
-        self.lora_b = torch.zeros(starts[-1], rank, dtype=dtype, device=device)
-        self.row_scales = torch.zeros(len(adapter_index) + 1, rank, dtype=dtype, device=device)
-        column = 0
-        for i, name, a, b, scaling in blocks:
-            r = a.shape[0]
-            self.lora_b[starts[i]:starts[i + 1], column:column + r] = b.detach().to(dtype)
-            self.row_scales[adapter_index[name], column:column + r] = scaling
-            self._columns.setdefault(adapter_index[name], []).extend(range(column, column + r))
-            column += r
-
-    def _stacks(self, present: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """A, B and the row scales restricted to the adapters in `present` (None: none of them here)."""
-        stacks = self._subsets.get(present)
-        if stacks is None:
-            assert self.lora_a is not None and self.lora_b is not None and self.row_scales is not None
-            columns = [c for adapter in present for c in self._columns.get(adapter, ())]
-            if len(columns) == self.lora_a.shape[0]:
-                stacks = (self.lora_a, self.lora_b, self.row_scales)
-            elif columns:
-                keep = torch.tensor(columns, device=self.lora_a.device)
-                stacks = (self.lora_a[keep], self.lora_b[:, keep].contiguous(), self.row_scales[:, keep])
-            if len(self._subsets) >= 8:
-                self._subsets.clear()
-            self._subsets[present] = stacks  # type: ignore[assignment]
-        return stacks
+        count = len(adapter_index) + 1
+        a_all = torch.zeros(count, self.weights[0].shape[1], rank, dtype=dtype, device=device)
+        b_all = torch.zeros(count, rank, starts[-1], dtype=dtype, device=device)
+        s_all = torch.zeros(count, 1, rank, dtype=dtype, device=device)
+        for adapter, parts in blocks.items():
+            column = 0
+            for i, a, b, scaling in parts:
+                r = a.shape[0]
+                a_all[adapter, :, column:column + r] = a.detach().t()
+                b_all[adapter, column:column + r, starts[i]:starts[i + 1]] = b.detach().t()
+                s_all[adapter, 0, column:column + r] = scaling
+                column += r
+        self.lora = (a_all, b_all, s_all)
 
     def pack(self, previous: dict[tuple[int, ...], _Group]) -> None:
         """Lay the weights out for oneDNN, or take the copy a previous decoder made of these very weights."""
@@ -463,12 +485,8 @@ class _Group:
             self.packed_bias = torch.cat([b.detach() if b is not None else torch.zeros(
                 size, dtype=weight.dtype) for b, size in zip(self.biases, self.sizes, strict=True)])
 
-    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None, present: tuple[int, ...] = ()) -> torch.Tensor:
-        """The members' outputs side by side: [rows, sum of their sizes].
-
-        rows: each row's adapter (index into the stacks; 0: none), or None when no row has one;
-        present: the adapters among them, in increasing order.
-        """
+    def __call__(self, x: torch.Tensor, adapters: _AdapterRows | None) -> torch.Tensor:
+        """The members' outputs side by side: [rows, sum of their sizes]."""
         if self.packed is not None:
             out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.packed_bias, "none", [], "")
         elif len(self.weights) == 1:
@@ -476,12 +494,21 @@ class _Group:
         else:
             out = torch.cat([torch.nn.functional.linear(x, w, b) for w, b in zip(self.weights, self.biases,
                                                                                    strict=True)], -1)
-        stacks = self._stacks(present) if rows is not None and self.lora_a is not None else None
-        if stacks is None:
+        if adapters is None or self.lora is None:
             return out
-        a, b, scales = stacks
-        low = torch.nn.functional.linear(x.to(a.dtype), a) * scales[rows]
-        return out + torch.nn.functional.linear(low, b).to(out.dtype)
+        stacks = self._subsets.get(adapters.present)
+        if stacks is None:
+            keep = torch.tensor(adapters.present, device=self.lora[0].device)
+            stacks = tuple(t[keep] for t in self.lora)  # type: ignore[assignment]
+            if len(self._subsets) >= 8:
+                self._subsets.clear()
+            self._subsets[adapters.present] = stacks  # type: ignore[assignment]
+        a, b, scaling = stacks
+        rows = x.index_select(0, adapters.gather).to(a.dtype).view(len(adapters.present), adapters.width, -1)
+        delta = torch.bmm(torch.bmm(rows, a) * scaling, b).view(-1, out.shape[1])
+        if adapters.slots is not None:
+            delta = delta.index_select(0, adapters.slots)
+        return out.index_add_(0, adapters.rows, delta.to(out.dtype))
 
 
 class _FastDecoder:
@@ -585,8 +612,7 @@ class _FastDecoder:
         device = self.lm_head.weights[0].device
         ids, positions, mask = ids.to(device), positions.to(device), mask.to(device)
         index = [self.adapter_index.get(a, 0) for a in adapters]
-        present = tuple(sorted(set(index) - {0}))
-        rows = torch.tensor(index, device=device) if present else None
+        rows = _AdapterRows.of(index, device)
         n = ids.shape[0]
         hidden = self.embed(ids)  # [rows, hidden]
         cos, sin = self.rotary(hidden, positions[:, None])  # [rows, 1, head_dim], broadcast over heads
@@ -597,7 +623,7 @@ class _FastDecoder:
             attn = layer.self_attn
             head_dim = attn.head_dim
             half = head_dim // 2
-            q, k, v = qkv(layer.input_layernorm(hidden), rows, present).split(qkv.sizes, -1)
+            q, k, v = qkv(layer.input_layernorm(hidden), rows).split(qkv.sizes, -1)
             q, k, v = q.view(n, -1, head_dim), k.view(n, -1, head_dim), v.view(n, -1, head_dim)
             q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
             k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
@@ -606,7 +632,7 @@ class _FastDecoder:
             grouped = q.view(n, keys.shape[1], -1, head_dim)  # the query heads that share each kv head
             scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * attn.scaling + padding
             weights = scores.softmax(-1).to(values.dtype)
-            hidden = hidden + o_proj(torch.matmul(weights, values).reshape(n, -1), rows, present)
-            gate, up = gate_up(layer.post_attention_layernorm(hidden), rows, present).split(gate_up.sizes, -1)
-            hidden = hidden + down(layer.mlp.act_fn(gate) * up, rows, present)
+            hidden = hidden + o_proj(torch.matmul(weights, values).reshape(n, -1), rows)
+            gate, up = gate_up(layer.post_attention_layernorm(hidden), rows).split(gate_up.sizes, -1)
+            hidden = hidden + down(layer.mlp.act_fn(gate) * up, rows)
         return self.lm_head(self.norm(hidden), None).float().cpu()
