@@ -62,6 +62,16 @@ def model_location(raw: str, settings: ServiceSettings, what: str) -> str:
     return source
 
 
+def adapter_folder(raw: str | None, settings: ServiceSettings) -> str | None:
+    """A LoRA adapter folder under the models root (None when not given)."""
+    if not raw:
+        return None
+    folder = confine(raw, settings.workspace, settings.models_root, "lora_adapter")
+    if not folder.is_dir():
+        raise NotFoundError(f"lora_adapter {raw!r} is not a folder")
+    return str(folder)
+
+
 def output_folder(raw: str, settings: ServiceSettings, config: TrainConfig) -> Path:
     path = confine(raw, settings.workspace, settings.models_root, "output_dir")
     if path.exists() and not path.is_dir():

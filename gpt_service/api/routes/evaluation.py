@@ -20,9 +20,8 @@ from gpt_service.data.readers import Record
 from gpt_service.errors import UserError
 from gpt_service.evaluation.job import EvaluationJob, EvaluationOptions, check_comparison
 from gpt_service.evaluation.samples import load_eval_set, read_eval_records
-from gpt_service.paths import confine
 from gpt_service.settings import ServiceSettings
-from gpt_service.tasks.submission import NotFoundError, dataset_file, model_location
+from gpt_service.tasks.submission import adapter_folder, dataset_file, model_location
 
 router = APIRouter(tags=["evaluation"])
 
@@ -34,12 +33,7 @@ def _job(body: EvaluateRequest, options: EvaluationOptions, served: Any, setting
                              lora_adapter=served.adapter_path, model_name=served.name,
                              dtype=str(served.base.dtype).removeprefix("torch."))
     assert body.model_path is not None
-    adapter = None
-    if body.lora_adapter:
-        folder = confine(body.lora_adapter, settings.workspace, settings.models_root, "lora_adapter")
-        if not folder.is_dir():
-            raise NotFoundError(f"lora_adapter {body.lora_adapter!r} is not a folder")
-        adapter = str(folder)
+    adapter = adapter_folder(body.lora_adapter, settings)
     return EvaluationJob(**options.model_dump(), model_path=model_location(body.model_path, settings, "model_path"),
                          lora_adapter=adapter, dtype=body.dtype or settings.serve_dtype)
 

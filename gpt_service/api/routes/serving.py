@@ -12,9 +12,8 @@ from fastapi.responses import StreamingResponse
 
 from gpt_service.api.serving_schemas import MAX_STOP, GenerateRequest, LoadRequest, SamplingFields, UnloadRequest
 from gpt_service.errors import UserError
-from gpt_service.paths import confine
 from gpt_service.settings import ServiceSettings
-from gpt_service.tasks.submission import NotFoundError, model_location
+from gpt_service.tasks.submission import adapter_folder, model_location
 
 router = APIRouter(tags=["serving"])
 _init_lock = threading.Lock()
@@ -65,12 +64,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 async def load_model(body: LoadRequest, request: Request) -> dict[str, Any]:
     settings: ServiceSettings = request.app.state.settings
     model_path = model_location(body.model_path, settings, "model_path")
-    adapter = None
-    if body.lora_adapter:
-        folder = confine(body.lora_adapter, settings.workspace, settings.models_root, "lora_adapter")
-        if not folder.is_dir():
-            raise NotFoundError(f"lora_adapter {body.lora_adapter!r} is not a folder")
-        adapter = str(folder)
+    adapter = adapter_folder(body.lora_adapter, settings)
     info = await get_inference(request).load(body.model_name, model_path, adapter, body.dtype, body.replace)
     return {"status": "loaded", **info}
 
