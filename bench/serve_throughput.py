@@ -1,8 +1,8 @@
 """Serving throughput: a naive server, `transformers serve --continuous-batching`, and ours, on one model.
 
-Run it from the repository root (about 10 minutes on 2 CPU cores, no network needed):
+Run it from the repository root (5 to 10 minutes on 2 CPU cores, no network needed):
 
-    .venv/bin/python bench/serve_throughput.py
+    .venv/bin/python bench/serve_throughput.py --wait-idle 120 --markdown bench/SERVE_RESULTS.md
 
 It builds the training benchmark's model (bench/train_throughput.py: Qwen2, hidden 512, 8 layers,
 8 heads, 2 KV heads, intermediate 1408, vocabulary 32000, random weights from a seed, with its
@@ -17,18 +17,24 @@ on 127.0.0.1 and drives their OpenAI `/v1/completions` route with greedy 128-tok
   (c) ours: `gpt-service serve`, the model loaded with POST /models/load (default dtype: auto,
       bf16 where the CPU has fast bf16).
 
-Each server is warmed up first (one lone request, then one concurrent round at 16 clients) and
-then measured at 1, 4, 16 and 64 concurrent clients; each client sends its requests one after
-another (two rounds each; one round for the naive server, which would otherwise take minutes).
-It prints the aggregate completion tokens/s (tokens actually generated, from each response's
-usage, over the wall time of the level) and the p50/p95 request latency. Ours is measured again
-with 16 clients on one LoRA adapter, and with 16 clients spread over the 8 adapters of one base,
-all in shared batches. Prompts are 8 to 40 random words; the random model rarely emits its EOS,
-and requests that stop early are counted (see the "short" column), never padded.
+Each server is warmed up first (one lone request, then one concurrent round at 16 clients; the
+naive server, which has nothing to batch, gets two lone requests) and then measured at 1, 4, 16
+and 64 concurrent clients; each client sends its requests one after another (two rounds each; one
+round for the naive server, which would otherwise take minutes). It prints the aggregate
+completion tokens/s (tokens actually generated, from each response's usage, over the wall time of
+the level) and the p50/p95 request latency. Ours is measured again with 16 clients on one LoRA
+adapter, and with 16 clients spread over the 8 adapters of one base, all in shared batches.
+Prompts are 8 to 40 random words; the random model rarely emits its EOS, and requests that stop
+early are counted (the "short" column), never padded.
+
+The servers share the machine with the clients (and with whatever else runs): the last column is
+the share of the CPUs that other processes took during the level. A busy neighbour hurts the
+peers most, as they compute on every core; `--wait-idle SECONDS` waits (up to that long) before
+each level until other processes stay under 10% of the CPUs for 10 s.
 
 Options: `--only a,c` runs some servers only; `--clients 1,16` other concurrency levels;
-`--rounds N`; `--peer-dtypes bfloat16,float32`; `--keep DIR` keeps the workspace (model,
-adapters, server logs) in DIR; `--markdown FILE` writes the table there too.
+`--rounds N`; `--peer-dtypes bfloat16,float32`; `--no-adapters`; `--keep DIR` keeps the workspace
+(model, adapters, server logs) in DIR; `--markdown FILE` writes the table there too.
 """
 
 from __future__ import annotations
@@ -53,7 +59,14 @@ import requests
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from train_throughput import TARGETS, build_model, build_tokenizer, word_list  # noqa: E402
+from train_throughput import (  # noqa: E402
+    TARGETS,
+    OtherLoad,
+    build_model,
+    build_tokenizer,
+    wait_until_idle,
+    word_list,
+)
 
 BIN = Path(sys.executable).parent
 MAX_TOKENS = 128
@@ -149,6 +162,7 @@ class Level:
     latencies: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    others: float = float("nan")  # other processes' share of the CPUs meanwhile
 
     @property
     def tokens_per_second(self) -> float:
@@ -167,7 +181,7 @@ class Level:
 
 
 def drive(url: str, models: list[str], clients: int, requests_total: int, prompts: list[str],
-          level: Level, timeout: float = 900) -> Level:
+          level: Level, timeout: float = 900, server_pids: tuple[int, ...] = ()) -> Level:
     """`clients` threads, each on its own connection, send requests one after another until
     `requests_total` are done; client i asks for models[i % len(models)]."""
     counter = iter(range(requests_total))
@@ -202,10 +216,11 @@ def drive(url: str, models: list[str], clients: int, requests_total: int, prompt
     for thread in threads:
         thread.start()
     start_gate.wait()
-    began = time.perf_counter()
+    began, meter = time.perf_counter(), OtherLoad(server_pids)
     for thread in threads:
         thread.join()
     level.seconds = time.perf_counter() - began
+    level.others = meter.share()
     return level
 
 
@@ -219,15 +234,17 @@ def report(level: Level) -> None:
     errors = f", {len(level.errors)} errors (first: {level.errors[0]})" if level.errors else ""
     print(f"  {level.server:<28} {level.label:<22} {level.clients:>3} clients: {level.tokens_per_second:8,.0f} tok/s, "
           f"p50 {level.percentile(50):6.2f} s, p95 {level.percentile(95):6.2f} s, {len(level.tokens)} requests, "
-          f"{level.short} short{errors}", flush=True)
+          f"{level.short} short, other processes {100 * level.others:.0f}% CPU{errors}", flush=True)
 
 
-def measure(server_name: str, url: str, models: list[str], clients_levels: list[int], rounds: int,
-            prompts: list[str], label: str = "base") -> list[Level]:
+def measure(server: Server, models: list[str], clients_levels: list[int], rounds: int, prompts: list[str],
+            label: str = "base", wait_idle: float = 0) -> list[Level]:
     results = []
+    assert server.process is not None
     for clients in clients_levels:
-        level = drive(url, models, clients, max(rounds * clients, 3 if rounds == 1 else 4), prompts,
-                      Level(server_name, label, clients))
+        wait_until_idle(wait_idle)
+        level = drive(server.url, models, clients, max(rounds * clients, 3 if rounds == 1 else 4), prompts,
+                      Level(server.name, label, clients), server_pids=(server.process.pid,))
         report(level)
         results.append(level)
     return results
@@ -237,7 +254,7 @@ def measure(server_name: str, url: str, models: list[str], clients_levels: list[
 
 
 def run_transformers(workspace: Path, model_dir: Path, *, continuous: bool, dtype: str, clients: list[int],
-                     rounds: int, prompts: list[str]) -> list[Level]:
+                     rounds: int, prompts: list[str], wait_idle: float) -> list[Level]:
     port = free_port()
     argv = [str(BIN / "transformers"), "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
             "--dtype", dtype, "--continuous-batching" if continuous else "--no-continuous-batching",
@@ -250,11 +267,11 @@ def run_transformers(workspace: Path, model_dir: Path, *, continuous: bool, dtyp
             warm_up(server.url, [str(model_dir)], prompts, 16)
         else:  # nothing to batch: two lone requests
             drive(server.url, [str(model_dir)], 1, 2, prompts, Level("", "warm-up", 1))
-        return measure(name, server.url, [str(model_dir)], clients, rounds, prompts)
+        return measure(server, [str(model_dir)], clients, rounds, prompts, wait_idle=wait_idle)
 
 
-def run_ours(workspace: Path, clients: list[int], rounds: int, prompts: list[str],
-             adapters: bool) -> list[Level]:
+def run_ours(workspace: Path, clients: list[int], rounds: int, prompts: list[str], adapters: bool,
+             wait_idle: float) -> list[Level]:
     port = free_port()
     argv = [str(BIN / "python"), "-m", "gpt_service.cli", "serve", "--workspace", str(workspace), "--port", str(port)]
     name = "(c) ours, gpt-service"
@@ -263,10 +280,10 @@ def run_ours(workspace: Path, clients: list[int], rounds: int, prompts: list[str
                                                                  "model_path": "models/bench-model"}, timeout=300)
         load.raise_for_status()
         info = load.json()
-        name = f"(c) ours, gpt-service, {info['dtype']}"
+        server.name = f"(c) ours, gpt-service, {info['dtype']}"
         print(f"  loaded {MODEL_NAME}: dtype {info['dtype']}", flush=True)
         warm_up(server.url, [MODEL_NAME], prompts, 16)
-        results = measure(name, server.url, [MODEL_NAME], clients, rounds, prompts)
+        results = measure(server, [MODEL_NAME], clients, rounds, prompts, wait_idle=wait_idle)
         if adapters:
             names = [f"{MODEL_NAME}-lora-{i}" for i in range(N_ADAPTERS)]
             for i, adapter_name in enumerate(names):
@@ -274,8 +291,8 @@ def run_ours(workspace: Path, clients: list[int], rounds: int, prompts: list[str
                     "model_name": adapter_name, "model_path": "models/bench-model",
                     "lora_adapter": f"models/adapter-{i}"}, timeout=300).raise_for_status()
             warm_up(server.url, names, prompts, 16)
-            results += measure(name, server.url, names[:1], [16], rounds, prompts, label="1 LoRA adapter")
-            results += measure(name, server.url, names, [16], rounds, prompts, label=f"{N_ADAPTERS} LoRA adapters")
+            results += measure(server, names[:1], [16], rounds, prompts, "1 LoRA adapter", wait_idle)
+            results += measure(server, names, [16], rounds, prompts, f"{N_ADAPTERS} LoRA adapters", wait_idle)
     return results
 
 
@@ -284,12 +301,13 @@ def run_ours(workspace: Path, clients: list[int], rounds: int, prompts: list[str
 
 def table(levels: list[Level]) -> str:
     lines = ["| server | model | clients | completion tokens/s | p50 latency (s) | p95 latency (s) | requests "
-             "| short |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| short | other processes' CPU |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for lv in levels:
         errors = f" ({len(lv.errors)} failed)" if lv.errors else ""
         lines.append(f"| {lv.server} | {lv.label} | {lv.clients} | {lv.tokens_per_second:,.0f} | "
-                     f"{lv.percentile(50):.2f} | {lv.percentile(95):.2f} | {len(lv.tokens)}{errors} | {lv.short} |")
+                     f"{lv.percentile(50):.2f} | {lv.percentile(95):.2f} | {len(lv.tokens)}{errors} | {lv.short} | "
+                     f"{100 * lv.others:.0f}% |")
     return "\n".join(lines)
 
 
@@ -328,6 +346,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="keep the workspace (model, adapters, logs) in this folder")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                        help="before each level, wait up to this long for other processes to go quiet")
     args = parser.parse_args()
     runs = [r.strip() for r in args.only.split(",")]
     clients = [int(c) for c in args.clients.split(",")]
@@ -353,13 +373,13 @@ def main() -> None:
         for key in runs:
             if key == "a":
                 levels += run_transformers(workspace, model_dir, continuous=False, dtype="float32", clients=clients,
-                                           rounds=1, prompts=prompts)
+                                           rounds=1, prompts=prompts, wait_idle=args.wait_idle)
             elif key == "b":
                 for dtype in args.peer_dtypes.split(","):
                     levels += run_transformers(workspace, model_dir, continuous=True, dtype=dtype, clients=clients,
-                                               rounds=args.rounds, prompts=prompts)
+                                               rounds=args.rounds, prompts=prompts, wait_idle=args.wait_idle)
             elif key == "c":
-                levels += run_ours(workspace, clients, args.rounds, prompts, adapters=not args.no_adapters)
+                levels += run_ours(workspace, clients, args.rounds, prompts, not args.no_adapters, args.wait_idle)
             else:
                 raise SystemExit(f"unknown server {key!r}")
         text = table(levels) + "\n\n" + verdict(levels)
@@ -367,11 +387,13 @@ def main() -> None:
         print(text)
         print(f"\ntotal {time.perf_counter() - began:.0f} s")
         if args.markdown:
-            args.markdown.write_text(text + "\n", encoding="utf-8")
+            command = " ".join([".venv/bin/python", "bench/serve_throughput.py", *sys.argv[1:]])
+            args.markdown.write_text(f"Command: `{command}` ({os.cpu_count()} CPUs, "
+                                     f"{time.strftime('%Y-%m-%d %H:%M')})\n\n{text}\n", encoding="utf-8")
         print(json.dumps([{"server": lv.server, "model": lv.label, "clients": lv.clients,
                            "tokens_per_second": round(lv.tokens_per_second, 1), "p50": round(lv.percentile(50), 3),
                            "p95": round(lv.percentile(95), 3), "requests": len(lv.tokens), "short": lv.short,
-                           "errors": len(lv.errors)} for lv in levels]))
+                           "errors": len(lv.errors), "other_cpu": round(lv.others, 3)} for lv in levels]))
 
 
 if __name__ == "__main__":
