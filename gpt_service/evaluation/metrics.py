@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from gpt_service.data.batching import collate, sequential_batches
-from gpt_service.data.examples import IGNORE_INDEX, Example
+from gpt_service.data.examples import Example
 from gpt_service.data.readers import DatasetError
 from gpt_service.inference.registry import BaseModel
-from gpt_service.training.loss import _BLOCK_ELEMENTS, _head_applies_plainly
+from gpt_service.training.loss import FP32_BLOCK_ELEMENTS, labelled_outputs
 
 MAX_LOSS_FOR_PERPLEXITY = 700.0  # exp() of more overflows a float
 
@@ -59,26 +59,15 @@ def adapter_selected(model: Any, adapter: str | None) -> Iterator[None]:
 @torch.inference_mode()
 def batch_scores(model: Any, batch: dict[str, torch.Tensor]) -> tuple[float, int, int]:
     """(summed cross-entropy, correct argmax predictions, labelled positions) of one collated batch."""
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE_INDEX
-    targets = targets[mask]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder()
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if _head_applies_plainly(base) and decoder is not base:
-        rows_in = decoder(**inputs).last_hidden_state[:, :-1][mask]
-        head = base.get_output_embeddings()
-        vocab = head.weight.shape[0]
-    else:  # logits that are more than head(hidden): take them whole
-        rows_in = model(**inputs).logits[:, :-1][mask]
-        head, vocab = None, rows_in.shape[-1]
-    block = max(16, _BLOCK_ELEMENTS // vocab)
+    rows_in, head, targets = labelled_outputs(model, batch)
+    vocab = head.weight.shape[0] if head is not None else rows_in.shape[-1]
+    block = max(16, FP32_BLOCK_ELEMENTS // vocab)
     loss, correct = 0.0, 0
     for start in range(0, len(targets), block):
         rows = rows_in[start : start + block]
         logits = (head(rows) if head is not None else rows).float()
         target = targets[start : start + block]
-        loss -= float(torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).sum())
+        loss += float((torch.logsumexp(logits, dim=-1) - logits.gather(1, target[:, None])[:, 0]).sum())
         correct += int((logits.argmax(dim=-1) == target).sum())
     return loss, correct, len(targets)
 

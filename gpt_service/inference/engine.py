@@ -13,6 +13,8 @@ values, and the attention mask hides the padding. `ThreadTuner` picks the step's
 from __future__ import annotations
 
 import collections
+import functools
+import inspect
 import logging
 import os
 import threading
@@ -94,6 +96,17 @@ class ThreadTuner:
             self._countdown, self._wins, self._first, self._trial_steps = self.period, [], None, 0
             if torch.get_num_threads() != self.current:
                 torch.set_num_threads(self.current)
+
+
+@functools.cache
+def _cache_keyword_of(forward: Callable[..., Any]) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _cache_keyword(model: Any) -> str:
+    """The KV-cache argument's name: `cache` from transformers 5.2x, `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_keyword_of(type(base).forward)
 
 
 def _free_memory() -> int:
@@ -271,10 +284,10 @@ class BatchEngine:
         # second in the output layer alone), so the output layer is handed a contiguous copy.
         head = model.get_output_embeddings() if input_ids.shape[1] > 1 else None
         hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
+        kwargs[_cache_keyword(model)] = cache
         try:
             out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                        position_ids=positions.to(device), past_key_values=cache, use_cache=True,
-                        logits_to_keep=1, **kwargs)
+                        position_ids=positions.to(device), use_cache=True, logits_to_keep=1, **kwargs)
         finally:
             if hook is not None:
                 hook.remove()

@@ -28,7 +28,7 @@ from gpt_service.data.examples import IGNORE_INDEX
 _BLOCK_ELEMENTS = 1 << 24
 # Without a gradient the logits are upcast to fp32; blocks of 64 rows (at 32k) stay in the CPU's
 # cache between the upcast and the log-sum-exp, which makes that path 1.6x faster.
-_EVAL_BLOCK_ELEMENTS = 1 << 21
+FP32_BLOCK_ELEMENTS = 1 << 21
 # A target probability below this is recomputed exactly instead of read from the low-precision softmax.
 _TINY_PROBABILITY = 1e-30
 
@@ -51,7 +51,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         want_grad = hidden.requires_grad
-        rows = max(16, (_BLOCK_ELEMENTS if want_grad else _EVAL_BLOCK_ELEMENTS) // weight.shape[0])
+        rows = max(16, (_BLOCK_ELEMENTS if want_grad else FP32_BLOCK_ELEMENTS) // weight.shape[0])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if want_grad else None
         with torch.autocast(hidden.device.type, enabled=False):
@@ -92,17 +92,26 @@ def head_cross_entropy(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def summed_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over labelled positions, number of those positions)."""
+def labelled_outputs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """(rows, head, targets) at the labelled positions of a collated batch.
+
+    `rows` are the final hidden states and `head` the output layer to apply to them, or, for a
+    model whose logits are more than `head(hidden)`, the logits themselves and `head` None.
+    """
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
-    n_tokens = int(mask.sum())
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder()
     if _head_applies_plainly(base) and decoder is not base:
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        loss = head_cross_entropy(base.get_output_embeddings(), hidden[:, :-1][mask], targets[mask])
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
-        loss = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
-    return loss, n_tokens
+        hidden = decoder(**inputs).last_hidden_state
+        return hidden[:, :-1][mask], base.get_output_embeddings(), targets[mask]
+    return model(**inputs).logits[:, :-1][mask], None, targets[mask]
+
+
+def summed_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropies over labelled positions, number of those positions)."""
+    rows, head, targets = labelled_outputs(model, batch)
+    if head is not None:
+        return head_cross_entropy(head, rows, targets), len(targets)
+    return F.cross_entropy(rows.float(), targets, reduction="sum"), len(targets)

@@ -168,26 +168,46 @@ AttentionInterface.register(CPU_ATTENTION, _cpu_attention)
 AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
 
 
-class _LoraDropout(nn.Module):
-    """Inverted dropout from 15-bit random draws (p rounded to a multiple of 2^-15).
+class _ScaleWhereKept(torch.autograd.Function):
+    """x * keep * scale for a 0/1 `keep` of x's dtype, one pass each way, rounded once as `x * scale` is.
 
-    `nn.Dropout` draws one random float per element; four 15-bit draws from each 64-bit integer
+    Autograd's `torch.where(keep, x * scale, 0)` takes two passes forward and two backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.addcmul(x.new_zeros(()), x, keep, value=scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (keep,) = ctx.saved_tensors
+        return torch.addcmul(grad.new_zeros(()), grad, keep, value=ctx.scale), None, None
+
+
+class _LoraDropout(nn.Module):
+    """Inverted dropout from 16-bit random draws (p rounded to a multiple of 2^-16).
+
+    `nn.Dropout` draws one random float per element; four 16-bit draws from each 64-bit integer
     are a quarter of that work, which on a CPU is most of what the LoRA dropout costs.
     """
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-        self.threshold = round(p * 32768)
-        self.scale = 1 / (1 - self.threshold / 32768)
+        dropped = round(p * 65536)
+        self.keep_from = dropped - 32768  # a draw (a signed 16-bit integer) below this drops its element
+        self.scale = 1 / (1 - dropped / 65536)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.threshold == 0:
+        if not self.training or self.keep_from == -32768:
             return x
         n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
-        draws = words.view(torch.int16)[:n].view(x.shape).bitwise_and_(0x7FFF)
-        return torch.where(draws >= self.threshold, x * self.scale, 0)
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+        draws = words.view(torch.int16)[:n].view(x.shape)
+        keep = torch.ge(draws, self.keep_from, out=torch.empty_like(x))
+        return _ScaleWhereKept.apply(x, keep, self.scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
