@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from gpt_service.demo_model import build_demo_model
-from tests.conftest import REPO
-from tests.service.conftest import Server, hub_cache, server_env  # noqa: F401 - fixtures
+from tests.conftest import REPO, Server
 
 BLOCK = re.compile(r"```(python|bash)\n(.*?)```", re.DOTALL)
 
@@ -38,7 +37,7 @@ def readme_workspace(tmp_path: Path) -> Path:
     return workspace
 
 
-def test_every_readme_example_runs(readme_workspace: Path, server_env: dict[str, str]) -> None:  # noqa: F811
+def test_every_readme_example_runs(readme_workspace: Path, server_env: dict[str, str]) -> None:
     blocks = readme_blocks()
     assert sum(kind == "python" for kind, _ in blocks) >= 1 and sum(kind == "bash" for kind, _ in blocks) >= 4
     server = Server(readme_workspace, 8000, server_env).start()

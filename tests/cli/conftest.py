@@ -1,5 +1,5 @@
-"""The service fixtures (a real server on its own workspace), shared with tests/service; one server with
-an API key for the client's tests; and `gpt_service()`, the real command line in a subprocess."""
+"""One server with an API key for the client's tests, and `gpt_service()`, the real command line in a
+subprocess."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import Server, free_port, hub_cache, make_workspace, server_env, workspace  # noqa: F401
+from tests.conftest import Server, free_port, make_workspace, server_environment
 
 KEY = "cli-test-key"
 
@@ -31,9 +31,9 @@ def gpt_service(*argv: str, url: str | None = None, key: str | None = KEY, stdin
 
 
 @pytest.fixture(scope="module")
-def keyed_server(tiny_model: Path, hub_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:  # noqa: F811
+def keyed_server(tiny_model: Path, hub_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server with an API key for a module's tests; they run one after another on it."""
-    env = clean_env() | {"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1", "GPT_SERVICE_SERVE_DTYPE": "float32"}
+    env = server_environment(hub_cache, GPT_SERVICE_SERVE_DTYPE="float32")
     root = make_workspace(tmp_path_factory.mktemp("cli") / "ws", tiny_model)
     srv = Server(root, free_port(), env, ("--api-key", KEY)).start()
     yield srv

@@ -13,8 +13,7 @@ import pytest
 import requests
 
 from tests.cli.conftest import KEY, clean_env, gpt_service
-from tests.conftest import qa_prompt
-from tests.service.conftest import Server, free_port
+from tests.conftest import Server, free_port, qa_prompt
 
 TRAIN = ("train", "--base_model", "models/tiny", "--dataset_path", "data/train.json")
 AUTH = {"Authorization": f"Bearer {KEY}"}

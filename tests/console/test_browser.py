@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import qa_prompt
+from tests.conftest import Server, free_port, make_workspace, qa_prompt
 from tests.console.browser import missing, start_browser
-from tests.service.conftest import Server, free_port, make_workspace
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=f"no browser: {missing()}")
 

@@ -4,15 +4,22 @@ and one server on it that evaluates more than 16 samples as a task."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import QA_PAIRS, qa_prompt, write_json, write_jsonl
-from tests.service.conftest import Server, free_port, hub_cache, make_workspace  # noqa: F401
+from tests.conftest import (
+    QA_PAIRS,
+    Server,
+    free_port,
+    make_workspace,
+    qa_prompt,
+    server_environment,
+    write_json,
+    write_jsonl,
+)
 from tests.service.test_serving_api import train_adapter
 
 TASK_THRESHOLD = 16
@@ -35,10 +42,9 @@ def eval_workspace(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="session")
-def eval_server(eval_workspace: dict, hub_cache: Path) -> Iterator[Server]:  # noqa: F811
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPT_SERVICE_")}
-    env |= {"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1", "GPT_SERVICE_SERVE_DTYPE": "float32",
-            "GPT_SERVICE_EVALUATE_TASK_THRESHOLD": str(TASK_THRESHOLD)}
+def eval_server(eval_workspace: dict, hub_cache: Path) -> Iterator[Server]:
+    env = server_environment(hub_cache, GPT_SERVICE_SERVE_DTYPE="float32",
+                             GPT_SERVICE_EVALUATE_TASK_THRESHOLD=str(TASK_THRESHOLD))
     server = Server(eval_workspace["workspace"], free_port(), env).start()
     for name, adapter in [("base", None), ("tuned", eval_workspace["adapter"])]:
         response = requests.post(f"{server.url}/models/load", json={

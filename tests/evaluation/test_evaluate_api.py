@@ -8,9 +8,8 @@ import time
 import pytest
 import requests
 
-from tests.conftest import QA_PAIRS
+from tests.conftest import QA_PAIRS, Server
 from tests.evaluation.conftest import TASK_THRESHOLD
-from tests.service.conftest import Server
 
 
 def evaluate(server: Server, **body: object) -> requests.Response:

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from gpt_service.training.checkpoints import list_checkpoints, publish_atomically
-from tests.service.conftest import Server, free_port
+from tests.conftest import Server, free_port
 
 INJECT = Path(__file__).parent / "inject"
 LONG_RUN = {"base_model": "models/tiny", "dataset_path": "data/train.json", "num_epochs": 50, "save_steps": 5,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.service.conftest import Server, free_port
+from tests.conftest import Server, free_port
 
 KEY = "s3cret-key"
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import requests
 
-from tests.service.conftest import Server, free_port
+from tests.conftest import Server, free_port
 
 
 def rss_bytes(pid: int) -> int:

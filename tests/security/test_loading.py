@@ -11,7 +11,7 @@ import requests
 import torch
 from safetensors.torch import load_file
 
-from tests.service.conftest import Server
+from tests.conftest import Server
 
 MARKER = Path("/tmp/gpt-service-remote-code-ran")
 

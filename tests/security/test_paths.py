@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.service.conftest import Server
+from tests.conftest import Server
 
 OUTSIDE = [
     ("/etc/passwd", 403),

@@ -8,7 +8,7 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service.conftest import Server, free_port
+from tests.conftest import Server, free_port
 
 
 def samples(server: Server) -> dict[tuple[str, tuple], float]:

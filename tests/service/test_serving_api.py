@@ -18,8 +18,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gpt_service.config import build_train_config
 from gpt_service.demo_model import build_demo_model
 from gpt_service.training import run_lora_finetune
-from tests.conftest import QA_PAIRS, qa_prompt, write_json, write_jsonl
-from tests.service.conftest import Server, free_port, make_workspace
+from tests.conftest import (
+    QA_PAIRS,
+    Server,
+    free_port,
+    make_workspace,
+    qa_prompt,
+    server_environment,
+    write_json,
+    write_jsonl,
+)
 
 OTHER_ANSWERS = [(q, f"答案{i}：{a[::-1]}") for i, (q, a) in enumerate(QA_PAIRS)]
 CHAT_PAIRS = [("hi", "Hello from the chat adapter."), ("name?", "I am GPT Service."),
@@ -52,10 +60,8 @@ def served_workspace(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture(scope="module")
 def srv(served_workspace: dict, hub_cache: Path) -> Iterator[Server]:
-    import os
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPT_SERVICE_")}
-    env |= {"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1", "GPT_SERVICE_SERVE_DTYPE": "float32"}
+    env = server_environment(hub_cache, GPT_SERVICE_SERVE_DTYPE="float32")
     server = Server(served_workspace["workspace"], free_port(), env).start()
     adapters = served_workspace["adapters"]
     for name, adapter in [("base", None), ("a", adapters["a"]), ("b", adapters["b"]), ("chat", adapters["chat"])]:

@@ -15,7 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.service.conftest import Server, free_port
+from tests.conftest import Server, free_port
 
 # The guide's client code, verbatim (training_guide.zh.md, "使用API", "查询训练状态", "查看训练历史").
 SPEC_SUBMIT = '''
