@@ -120,6 +120,13 @@ class ModelRegistry:
     def list(self) -> list[ServedModel]:
         return list(self._names.values())
 
+    def find(self, model_path: str, lora_adapter: str | None, dtype: str) -> ServedModel | None:
+        """A loaded model on this base (same folder or hub id, same dtype) with this adapter, if there is one."""
+        wanted = (_identity(model_path), resolve_dtype(dtype), _identity(lora_adapter) if lora_adapter else None)
+        return next((served for served in self._names.values()
+                     if (_identity(served.base.source), served.base.dtype,
+                         _identity(served.adapter_path) if served.adapter_path else None) == wanted), None)
+
     def load(self, name: str, model_path: str, lora_adapter: str | None, dtype: str = "auto",
              replace: bool = False) -> ServedModel:
         """Load (or reuse) the base and add the adapter; blocking, so call it off the event loop."""

@@ -41,6 +41,12 @@ def test_the_adapter_beats_its_base_through_the_api(eval_server: Server, eval_wo
     assert by_path.status_code == 200, by_path.text
     assert by_path.json()["metrics"]["loss"] == pytest.approx(tuned["loss"], rel=1e-4)
     assert by_path.json()["metrics"]["exact_match"] is None
+    assert by_path.json()["model_name"] == "tuned"  # the loaded model served it: no second copy of the base
+    in_bf16 = evaluate(eval_server, model_path="models/tiny", lora_adapter=eval_workspace["adapter"],
+                       dtype="bfloat16", dataset_path="data/qa.jsonl", generation=False)
+    assert in_bf16.status_code == 200, in_bf16.text
+    assert in_bf16.json()["model_name"] == "tiny"  # not loaded in bf16: a copy of its own, for this call
+    assert in_bf16.json()["metrics"]["loss"] == pytest.approx(tuned["loss"], rel=0.05)
 
 
 def test_chat_records_are_answered_from_their_messages(eval_server: Server) -> None:

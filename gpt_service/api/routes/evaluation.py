@@ -58,8 +58,10 @@ async def evaluate(body: EvaluateRequest, request: Request, response: Response) 
     dataset = dataset_file(body.dataset_path, settings, "dataset_path", body.dataset_format)
     options = body.options().model_copy(update={"dataset_path": str(dataset)})
     records = await asyncio.to_thread(read_eval_records, options)
-    served = get_inference(request).registry.get(body.model_name) if body.model_name else None
+    registry = get_inference(request).registry
+    served = registry.get(body.model_name) if body.model_name else None
     job = _job(body, options, served, settings)
+    served = served or registry.find(job.model_path, job.lora_adapter, job.dtype)  # no second copy of it
     check_comparison(options, job.lora_adapter)
     if len(records) > settings.evaluate_task_threshold:
         await asyncio.to_thread(_check_for_task, job, records, served.base.tokenizer if served else None)
