@@ -157,7 +157,6 @@ class Setup:
     model_dir: Path
     train_path: Path
     train_texts: list[str]
-    eval_texts: list[str]
     train_ids: list[list[int]]
     eval_ids: list[list[int]]
 
@@ -183,7 +182,7 @@ def build_setup(root: Path, n_samples: int, seed: int, *, write: bool = True) ->
     eval_ids = [tokenizer(t).input_ids for t in eval_texts]
     assert all(ids[-1] == tokenizer.eos_token_id and len(ids) <= MAX_LENGTH for ids in train_ids + eval_ids)
     assert all(tokenizer.decode(ids) == text for ids, text in zip(train_ids, train_texts, strict=True))
-    return Setup(root, model_dir, train_path, train_texts, eval_texts, train_ids, eval_ids)
+    return Setup(root, model_dir, train_path, train_texts, train_ids, eval_ids)
 
 
 # -- what is measured --------------------------------------------------------------------------

@@ -118,6 +118,12 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def wait_for_step(self, task_id: str, step: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while requests.get(f"{self.url}/train/status/{task_id}", timeout=10).json()["current_step"] < step:
+            assert time.monotonic() < deadline, f"task {task_id} did not reach step {step}"
+            time.sleep(0.1)
+
     def wait_for(self, task_id: str, statuses: tuple[str, ...], timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -23,7 +23,7 @@ from gpt_service.data.batching import collate, sequential_batches
 from gpt_service.data.examples import Example
 from gpt_service.data.readers import DatasetError
 from gpt_service.inference.registry import BaseModel
-from gpt_service.training.loss import FP32_BLOCK_ELEMENTS, labelled_outputs
+from gpt_service.training.loss import FP32_BLOCK_ELEMENTS, exact_cross_entropy_sum, labelled_outputs
 
 MAX_LOSS_FOR_PERPLEXITY = 700.0  # exp() of more overflows a float
 
@@ -67,7 +67,7 @@ def batch_scores(model: Any, batch: dict[str, torch.Tensor]) -> tuple[float, int
         rows = rows_in[start : start + block]
         logits = (head(rows) if head is not None else rows).float()
         target = targets[start : start + block]
-        loss += float((torch.logsumexp(logits, dim=-1) - logits.gather(1, target[:, None])[:, 0]).sum())
+        loss += float(exact_cross_entropy_sum(logits, target))
         correct += int((logits.argmax(dim=-1) == target).sum())
     return loss, correct, len(targets)
 

@@ -104,7 +104,7 @@ def _cache_keyword_of(forward: Callable[..., Any]) -> str:
 
 
 def _cache_keyword(model: Any) -> str:
-    """The KV-cache argument's name: `cache` from transformers 5.2x, `past_key_values` before."""
+    """The KV-cache argument's name: `cache` where the forward takes it (transformers 5.24), else `past_key_values`."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return _cache_keyword_of(type(base).forward)
 

@@ -39,6 +39,12 @@ def _head_applies_plainly(model: Any) -> bool:
     return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
 
 
+def exact_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of logits of any dtype, in fp32 (log-sum-exp minus the target's logit)."""
+    exact = logits.float()
+    return (torch.logsumexp(exact, dim=-1) - exact.gather(1, targets[:, None])[:, 0]).sum()
+
+
 class _FusedHeadCrossEntropy(torch.autograd.Function):
     """sum(cross_entropy(hidden @ weight.T, targets)) for a frozen `weight`; grads to `hidden` only.
 
@@ -59,8 +65,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
                 logits = hidden[start : start + rows].to(weight.dtype) @ weight.t()
                 target = targets[start : start + rows]
                 if grad is None:
-                    exact = logits.float()
-                    total += (torch.logsumexp(exact, dim=-1) - exact.gather(1, target[:, None])[:, 0]).sum()
+                    total += exact_cross_entropy_sum(logits, target)
                     continue
                 index = torch.arange(len(target), device=logits.device)
                 probs = torch.softmax(logits, dim=-1)
@@ -68,8 +73,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
                 tiny = target_probs < _TINY_PROBABILITY
                 total -= torch.where(tiny, 1.0, target_probs).log().sum()
                 if bool(tiny.any()):
-                    exact = logits[tiny].float()
-                    total += (torch.logsumexp(exact, dim=-1) - exact.gather(1, target[tiny][:, None])[:, 0]).sum()
+                    total += exact_cross_entropy_sum(logits[tiny], target[tiny])
                 probs[index, target] -= 1  # d loss / d logits = softmax - one_hot
                 grad[start : start + rows] = (probs @ weight).to(grad.dtype)
         ctx.save_for_backward(grad)

@@ -118,10 +118,7 @@ def test_status_reports_progress_metrics_and_logs(server: Server) -> None:
 
 def test_cancel_a_running_task_keeps_its_checkpoint(server: Server) -> None:
     task_id = submit(server, num_epochs=500, save_steps=20, output_dir="models/long").json()["task_id"]
-    deadline = time.monotonic() + 60
-    while requests.get(f"{server.url}/train/status/{task_id}", timeout=10).json()["current_step"] < 25:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    server.wait_for_step(task_id, 25)
     asked = time.monotonic()
     assert requests.post(f"{server.url}/train/{task_id}/cancel", timeout=10).ok
     status = server.wait_for(task_id, ("cancelled", "failed", "completed"), timeout=30)
@@ -228,10 +225,7 @@ def test_the_http_layer_does_not_import_torch() -> None:
 
 def test_resume_right_after_a_cancel_runs_to_completion(server: Server) -> None:
     task_id = submit(server, num_epochs=30, save_steps=10, output_dir="models/again").json()["task_id"]
-    deadline = time.monotonic() + 60
-    while requests.get(f"{server.url}/train/status/{task_id}", timeout=10).json()["current_step"] < 12:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    server.wait_for_step(task_id, 12)
     requests.post(f"{server.url}/train/{task_id}/cancel", timeout=10)
     server.wait_for(task_id, ("cancelled",), timeout=30)
     resumed = requests.post(f"{server.url}/train/{task_id}/resume", timeout=10)
