@@ -15,6 +15,7 @@ step takes about half the time of `cross_entropy(lm_head(hidden).float())`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -23,9 +24,10 @@ from torch import nn
 
 from gpt_service.data.examples import IGNORE_INDEX
 
-# Logit elements per block (bf16: 32 MiB): large enough for an efficient matrix multiply (512 rows
-# at a 32k vocabulary), small enough to bound the memory whatever the number of tokens.
-_BLOCK_ELEMENTS = 1 << 24
+# Logit elements per block (bf16: 16 MiB, about 260 rows at a 32k vocabulary): the most that
+# stays in a CPU's last-level cache between the matrix multiply, the softmax and the gradient's
+# matrix multiply; 512-row blocks make the head 15% slower.
+_BLOCK_ELEMENTS = 1 << 23
 # Without a gradient the logits are upcast to fp32; blocks of 64 rows (at 32k) stay in the CPU's
 # cache between the upcast and the log-sum-exp, which makes that path 1.6x faster.
 FP32_BLOCK_ELEMENTS = 1 << 21
@@ -57,32 +59,38 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         want_grad = hidden.requires_grad
-        rows = max(16, (_BLOCK_ELEMENTS if want_grad else FP32_BLOCK_ELEMENTS) // weight.shape[0])
+        most_rows = max(16, (_BLOCK_ELEMENTS if want_grad else FP32_BLOCK_ELEMENTS) // weight.shape[0])
+        rows = math.ceil(hidden.shape[0] / math.ceil(hidden.shape[0] / most_rows))  # equal blocks
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden) if want_grad else None
+        grad = hidden.new_empty(hidden.shape, dtype=weight.dtype) if want_grad else None
+        # One buffer for every block's logits, turned into probabilities in place: fresh 16 MiB
+        # tensors each block would cost a page fault per 4 KiB and push the weight out of cache.
+        buffer = hidden.new_empty((rows, weight.shape[0]), dtype=weight.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], rows):
-                logits = hidden[start : start + rows].to(weight.dtype) @ weight.t()
+                block = hidden[start : start + rows].to(weight.dtype)
                 target = targets[start : start + rows]
+                logits = torch.mm(block, weight.t(), out=buffer[: len(block)])
                 if grad is None:
                     total += exact_cross_entropy_sum(logits, target)
                     continue
                 index = torch.arange(len(target), device=logits.device)
-                probs = torch.softmax(logits, dim=-1)
+                probs = torch.softmax(logits, dim=-1, out=logits)
                 target_probs = probs[index, target].float()
                 tiny = target_probs < _TINY_PROBABILITY
                 total -= torch.where(tiny, 1.0, target_probs).log().sum()
-                if bool(tiny.any()):
-                    total += exact_cross_entropy_sum(logits[tiny], target[tiny])
+                if bool(tiny.any()):  # the logits are gone: recompute those few rows
+                    total += exact_cross_entropy_sum(block[tiny] @ weight.t(), target[tiny])
                 probs[index, target] -= 1  # d loss / d logits = softmax - one_hot
-                grad[start : start + rows] = (probs @ weight).to(grad.dtype)
+                torch.mm(probs, weight, out=grad[start : start + rows])
         ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None
+        return (grad * grad_output.to(grad.dtype)).to(ctx.hidden_dtype), None, None
 
 
 def _fusable_head(head: Any) -> bool:

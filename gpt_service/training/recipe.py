@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -187,10 +188,14 @@ class _ScaleWhereKept(torch.autograd.Function):
 
 
 class _LoraDropout(nn.Module):
-    """Inverted dropout from 16-bit random draws (p rounded to a multiple of 2^-16).
+    """Inverted dropout from 16-bit random draws (p rounded to a multiple of 2^-16), one mask per input.
 
     `nn.Dropout` draws one random float per element; four 16-bit draws from each 64-bit integer
-    are a quarter of that work, which on a CPU is most of what the LoRA dropout costs.
+    are a quarter of that work, which on a CPU is most of what the LoRA dropout costs. One instance
+    serves the LoRA layers of one parent module: called again with the very tensor it dropped
+    last (q, k and v all read the same normed hidden states), it returns the same dropped tensor,
+    so those layers share one mask, as they do in PEFT where q, k and v are one fused projection,
+    and two of every three draws are saved. It holds both tensors only weakly.
     """
 
     def __init__(self, p: float) -> None:
@@ -199,23 +204,32 @@ class _LoraDropout(nn.Module):
         dropped = round(p * 65536)
         self.keep_from = dropped - 32768  # a draw (a signed 16-bit integer) below this drops its element
         self.scale = 1 / (1 - dropped / 65536)
+        self._last: tuple[weakref.ref, int, weakref.ref] | None = None  # input, its version, output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.keep_from == -32768:
             return x
+        if self._last is not None:
+            last_input, version, last_output = self._last
+            out = last_output()
+            if last_input() is x and version == x._version and out is not None:
+                return out
         n = x.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         draws = words.view(torch.int16)[:n].view(x.shape)
         keep = torch.ge(draws, self.keep_from, out=torch.empty_like(x))
-        return _ScaleWhereKept.apply(x, keep, self.scale)
+        out = _ScaleWhereKept.apply(x, keep, self.scale)
+        self._last = (weakref.ref(x), x._version, weakref.ref(out))
+        return out
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
 
 def _speed_up(model: Any, precision: Precision) -> None:
-    """Make the PEFT model train faster without changing what it computes or what it saves."""
-    for module in model.modules():
+    """Make the PEFT model train faster without changing what it saves or (dropout masks aside) computes."""
+    shared_dropouts: dict[tuple[str, str, float], _LoraDropout] = {}
+    for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
         if precision.autocast_dtype is not None:
@@ -223,9 +237,13 @@ def _speed_up(model: Any, precision: Precision) -> None:
             # straight back for the matmul: two copies of every activation, for nothing.
             module.cast_input_dtype_enabled = False
         if precision.device.type == "cpu":  # CUDA's fused dropout kernel is fast already
-            for name, dropout in module.lora_dropout.items():
+            parent = name.rpartition(".")[0]
+            for adapter, dropout in module.lora_dropout.items():
                 if type(dropout) is nn.Dropout and dropout.p > 0:
-                    module.lora_dropout[name] = _LoraDropout(dropout.p)
+                    key = (parent, adapter, dropout.p)
+                    if key not in shared_dropouts:
+                        shared_dropouts[key] = _LoraDropout(dropout.p)
+                    module.lora_dropout[adapter] = shared_dropouts[key]
     base = model.get_base_model()
     if precision.device.type == "cpu" and base.config._attn_implementation == "sdpa":
         try:

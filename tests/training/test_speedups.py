@@ -6,8 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from gpt_service.hardware import Precision
 from gpt_service.training.loss import head_cross_entropy
-from gpt_service.training.recipe import _cpu_attention, _LoraDropout
+from gpt_service.training.recipe import _cpu_attention, _LoraDropout, _speed_up
 
 
 def test_lora_dropout_drops_p_of_the_elements_and_scales_the_rest_like_inverted_dropout() -> None:
@@ -22,13 +26,29 @@ def test_lora_dropout_drops_p_of_the_elements_and_scales_the_rest_like_inverted_
     assert torch.equal(out[kept], (x.detach() * scale)[kept])  # rounded once, as x * scale is
     out.backward(torch.ones_like(out))
     assert torch.equal(x.grad, torch.where(kept, torch.tensor(scale, dtype=torch.bfloat16), 0).to(x.grad.dtype))
-    again = dropout(x)
-    assert not torch.equal(again != 0, kept)  # a fresh mask each call
+    assert dropout(x) is out  # the same input (q, k and v read one tensor): the same mask
+    other = dropout(x.detach().clone())
+    assert not torch.equal(other != 0, kept)  # another input: a fresh mask
+    with torch.no_grad():
+        x.add_(1)
+    assert not torch.equal(dropout(x) != 0, kept)  # the same tensor changed in place: a fresh mask too
     assert dropout.eval()(x) is x
     assert _LoraDropout(0.0).train()(x) is x
 
 
-@pytest.mark.parametrize("rows", [5, 700])  # one block, and several (blocks of 512 rows at this vocabulary)
+def test_the_lora_layers_of_one_attention_share_a_dropout_and_other_layers_do_not(tiny_model) -> None:
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(
+        r=4, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]))
+    _speed_up(model, Precision(torch.device("cpu"), torch.float32, None, grad_scaler=False))
+    layers = model.get_base_model().model.layers
+    dropouts = [[getattr(module, name).lora_dropout["default"] for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+                for module in (layers[0].self_attn, layers[1].self_attn)]
+    assert all(type(d) is _LoraDropout for d in dropouts[0] + dropouts[1])
+    assert len({id(d) for d in dropouts[0]}) == 1 and dropouts[1][0] is not dropouts[0][0]
+    assert layers[0].mlp.up_proj.lora_dropout["default"] is not dropouts[0][0]
+
+
+@pytest.mark.parametrize("rows", [5, 700])  # one block, and three (of at most 256 rows at this vocabulary)
 def test_fused_head_cross_entropy_matches_cross_entropy_and_its_gradient(rows: int) -> None:
     torch.manual_seed(0)
     head = torch.nn.Linear(64, 32768, bias=False).requires_grad_(False)
@@ -43,6 +63,19 @@ def test_fused_head_cross_entropy_matches_cross_entropy_and_its_gradient(rows: i
     torch.testing.assert_close(hidden.grad, reference_hidden.grad, rtol=1e-4, atol=1e-6)
     with torch.no_grad():  # the evaluation path: fp32 log-sum-exp
         assert head_cross_entropy(head, hidden, targets).item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_fused_head_cross_entropy_is_exact_where_bf16_probabilities_underflow() -> None:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 32768, bias=False).requires_grad_(False).to(torch.bfloat16)
+    hidden = torch.randn(300, 64, dtype=torch.bfloat16)
+    hidden[7] *= 400  # logits hundreds apart: most of this row's probabilities are 0 in any dtype
+    targets = torch.randint(0, 32768, (300,))
+    targets[7] = head(hidden[7]).argmin()
+    loss = head_cross_entropy(head, hidden.requires_grad_(), targets)
+    reference = F.cross_entropy(head(hidden.detach()).float(), targets, reduction="sum")
+    assert reference.item() > 1000  # the underflowing row dominates, so a wrong value for it would show
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-3)
 
 
 def _reference_attention(query, key, value, keep):  # [b, h, L, d] x2, [b, kv, L, d], bool [b, 1, L, L]
