@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
