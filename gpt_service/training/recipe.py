@@ -2,9 +2,9 @@
 
 A plain loop rather than `transformers.Trainer`: batches of similar length, frozen base weights
 in bf16 under autocast, and the output head fused with the loss on labelled positions only make
-it several times faster on the same data (bench/train_throughput.py); on a CPU, batched-matmul
-attention and a cheaper LoRA dropout add to that. It stays a standard PEFT LoRA whose adapter any
-PEFT user can load.
+it several times faster on the same data (bench/train_throughput.py); the fast paths of
+`training/speedups.py` add to that. It stays a standard PEFT LoRA whose adapter any PEFT user can
+load.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import json
 import logging
 import math
 import shutil
-import threading
 import time
 import uuid
 import warnings
-import weakref
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,12 +23,8 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
-from torch import nn
-from transformers import AttentionInterface, get_scheduler
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import get_scheduler
 
 from gpt_service.config import TrainConfig
 from gpt_service.data.batching import collate, epoch_batches, sequential_batches
@@ -49,6 +43,7 @@ from gpt_service.training.checkpoints import (
 )
 from gpt_service.training.loss import summed_token_loss
 from gpt_service.training.progress import ProgressCallback, StopCheck, TrainingProgress, TrainingResult
+from gpt_service.training.speedups import clear_caches, speed_up
 from gpt_service.training.tensorboard import with_tensorboard
 
 log = logging.getLogger(__name__)
@@ -92,166 +87,6 @@ def _lora_config(config: TrainConfig) -> LoraConfig:
     )
 
 
-# -- speed-ups that leave the result a standard PEFT LoRA ----------------------------------------
-
-CPU_ATTENTION = "gpt_service_cpu"
-# Batched-matmul attention keeps its (batch x heads x length^2) scores for the backward; above this
-# many per layer, PyTorch's flash kernel (which does not) is used instead.
-_MATMUL_ATTENTION_MAX_SCORES = 1 << 25
-
-
-class _GroupedMask(threading.local):
-    """The additive mask in the grouped-query layout, built once per forward pass for all layers.
-
-    Per thread, so that runs in two threads of one process cannot hand each other their masks.
-    """
-
-    def __init__(self) -> None:
-        self.source: torch.Tensor | None = None
-        self.layout: tuple[Any, ...] | None = None
-        self.mask: torch.Tensor | None = None
-
-    def get(self, source: torch.Tensor | None, batch: int, kv_heads: int, groups: int, length: int,
-            dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        layout = (batch, kv_heads, groups, length, dtype, device)
-        if self.mask is not None and self.source is source and self.layout == layout:
-            return self.mask
-        mask = source
-        if mask is None:  # SDPA's mask is None when it would be the plain causal one
-            mask = torch.ones(1, 1, length, length, dtype=torch.bool, device=device).tril()
-        if mask.dtype == torch.bool:
-            additive = torch.zeros(mask.shape, dtype=dtype, device=device)
-            additive.masked_fill_(~mask, torch.finfo(dtype).min)
-        else:
-            additive = mask.to(dtype)
-        self.mask = (additive[:, :, None].expand(batch, kv_heads, groups, length, length)
-                     .reshape(batch * kv_heads, groups * length, length))
-        self.source, self.layout = source, layout
-        return self.mask
-
-    def clear(self) -> None:
-        self.source = self.layout = self.mask = None
-
-
-_grouped_mask = _GroupedMask()
-
-
-def _cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                   **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Attention for CPU training: two batched matmuls when the scores fit, SDPA (same masks) otherwise.
-
-    The query heads that share a key/value head are stacked into one matrix, so keys and values
-    are never repeated, and the scale and the mask ride along in one `baddbmm`: two to four times
-    faster than PyTorch's CPU flash kernel, forward plus backward, at a few hundred positions.
-    """
-    batch, heads, length, head_dim = query.shape
-    kv_heads = key.shape[1]
-    if (query.device.type != "cpu" or dropout or key.shape[2] != length or heads % kv_heads
-            or batch * heads * length * length > _MATMUL_ATTENTION_MAX_SCORES
-            or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1
-                                                or attention_mask.shape[-2:] != (length, length)))
-            or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    groups = heads // kv_heads
-    mask = _grouped_mask.get(attention_mask, batch, kv_heads, groups, length, query.dtype, query.device)
-    q = query.reshape(batch * kv_heads, groups * length, head_dim)
-    k = key.reshape(batch * kv_heads, length, head_dim)
-    v = value.reshape(batch * kv_heads, length, head_dim)
-    scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=head_dim**-0.5 if scaling is None else scaling)
-    probs = torch.softmax(scores, dim=-1)  # accumulates in fp32 whatever the dtype
-    out = torch.bmm(probs, v).view(batch, heads, length, head_dim)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(CPU_ATTENTION, _cpu_attention)
-AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
-
-
-class _ScaleWhereKept(torch.autograd.Function):
-    """x * keep * scale for a 0/1 `keep` of x's dtype, one pass each way, rounded once as `x * scale` is.
-
-    Autograd's `torch.where(keep, x * scale, 0)` takes two passes forward and two backward.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return torch.addcmul(x.new_zeros(()), x, keep, value=scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (keep,) = ctx.saved_tensors
-        return torch.addcmul(grad.new_zeros(()), grad, keep, value=ctx.scale), None, None
-
-
-class _LoraDropout(nn.Module):
-    """Inverted dropout from 16-bit random draws (p rounded to a multiple of 2^-16), one mask per input.
-
-    `nn.Dropout` draws one random float per element; four 16-bit draws from each 64-bit integer
-    are a quarter of that work, which on a CPU is most of what the LoRA dropout costs. One instance
-    serves the LoRA layers of one parent module: called again with the very tensor it dropped
-    last (q, k and v all read the same normed hidden states), it returns the same dropped tensor,
-    so those layers share one mask, as they do in PEFT where q, k and v are one fused projection,
-    and two of every three draws are saved. It holds both tensors only weakly.
-    """
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-        dropped = round(p * 65536)
-        self.keep_from = dropped - 32768  # a draw (a signed 16-bit integer) below this drops its element
-        self.scale = 1 / (1 - dropped / 65536)
-        self._last: tuple[weakref.ref, int, weakref.ref] | None = None  # input, its version, output
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.keep_from == -32768:
-            return x
-        if self._last is not None:
-            last_input, version, last_output = self._last
-            out = last_output()
-            if last_input() is x and version == x._version and out is not None:
-                return out
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-        draws = words.view(torch.int16)[:n].view(x.shape)
-        keep = torch.ge(draws, self.keep_from, out=torch.empty_like(x))
-        out = _ScaleWhereKept.apply(x, keep, self.scale)
-        self._last = (weakref.ref(x), x._version, weakref.ref(out))
-        return out
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-def _speed_up(model: Any, precision: Precision) -> None:
-    """Make the PEFT model train faster without changing what it saves or (dropout masks aside) computes."""
-    shared_dropouts: dict[tuple[str, str, float], _LoraDropout] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        if precision.autocast_dtype is not None:
-            # PEFT casts each LoRA input to the (fp32) LoRA weights' dtype, and autocast casts it
-            # straight back for the matmul: two copies of every activation, for nothing.
-            module.cast_input_dtype_enabled = False
-        if precision.device.type == "cpu":  # CUDA's fused dropout kernel is fast already
-            parent = name.rpartition(".")[0]
-            for adapter, dropout in module.lora_dropout.items():
-                if type(dropout) is nn.Dropout and dropout.p > 0:
-                    key = (parent, adapter, dropout.p)
-                    if key not in shared_dropouts:
-                        shared_dropouts[key] = _LoraDropout(dropout.p)
-                    module.lora_dropout[adapter] = shared_dropouts[key]
-    base = model.get_base_model()
-    if precision.device.type == "cpu" and base.config._attn_implementation == "sdpa":
-        try:
-            base.set_attn_implementation(CPU_ATTENTION)
-        except (ValueError, NotImplementedError) as exc:  # a model without the attention interface
-            log.debug("keeping sdpa attention: %s", exc)
-
-
 def _label_count(examples: list[Example], batch: list[int]) -> int:
     return sum(sum(1 for label in examples[i].labels[1:] if label != IGNORE_INDEX) for i in batch)
 
@@ -276,7 +111,7 @@ class _Run:
         with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; not ours to fix
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             self.model = get_peft_model(base, _lora_config(config))
-        _speed_up(self.model, self.precision)
+        speed_up(self.model, self.precision)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         for param in trainable:  # LoRA weights train in fp32 whatever the base dtype
             param.data = param.data.float()
@@ -466,7 +301,7 @@ def run_lora_finetune(
         finished = run.train(*start)
         adapter = run.finish() if finished else None
     finally:
-        _grouped_mask.clear()  # a training-sized mask need not outlive the run
+        clear_caches()
     _write_record(output_dir, config, run, status="completed" if finished else "stopped",
                   started_at=started_at, finished_at=datetime.now(timezone.utc).isoformat(),
                   final_loss=run.last_loss, final_eval_loss=run.last_eval_loss,

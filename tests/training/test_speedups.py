@@ -10,13 +10,13 @@ from transformers import AutoModelForCausalLM
 
 from gpt_service.hardware import Precision
 from gpt_service.training.loss import head_cross_entropy
-from gpt_service.training.recipe import _cpu_attention, _LoraDropout, _speed_up
+from gpt_service.training.speedups import LoraDropout, cpu_attention, speed_up
 
 
 def test_lora_dropout_drops_p_of_the_elements_and_scales_the_rest_like_inverted_dropout() -> None:
     torch.manual_seed(0)
     x = (torch.rand(400, 512) + 0.5).to(torch.bfloat16).requires_grad_()  # no zeros of its own
-    dropout = _LoraDropout(0.1).train()
+    dropout = LoraDropout(0.1).train()
     out = dropout(x)
     kept = out != 0
     assert out.dtype == torch.bfloat16
@@ -32,19 +32,48 @@ def test_lora_dropout_drops_p_of_the_elements_and_scales_the_rest_like_inverted_
         x.add_(1)
     assert not torch.equal(dropout(x) != 0, kept)  # the same tensor changed in place: a fresh mask too
     assert dropout.eval()(x) is x
-    assert _LoraDropout(0.0).train()(x) is x
+    assert LoraDropout(0.0).train()(x) is x
 
 
 def test_the_lora_layers_of_one_attention_share_a_dropout_and_other_layers_do_not(tiny_model) -> None:
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(
         r=4, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]))
-    _speed_up(model, Precision(torch.device("cpu"), torch.float32, None, grad_scaler=False))
+    speed_up(model, Precision(torch.device("cpu"), torch.float32, None, grad_scaler=False))
     layers = model.get_base_model().model.layers
     dropouts = [[getattr(module, name).lora_dropout["default"] for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
                 for module in (layers[0].self_attn, layers[1].self_attn)]
-    assert all(type(d) is _LoraDropout for d in dropouts[0] + dropouts[1])
+    assert all(type(d) is LoraDropout for d in dropouts[0] + dropouts[1])
     assert len({id(d) for d in dropouts[0]}) == 1 and dropouts[1][0] is not dropouts[0][0]
     assert layers[0].mlp.up_proj.lora_dropout["default"] is not dropouts[0][0]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_lean_lora_forward_computes_what_peft_does_and_the_same_gradients(tiny_model, autocast: bool) -> None:
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(
+        r=4, lora_alpha=24, lora_dropout=0.0, target_modules=["q_proj"]))  # scaling 6; q_proj has a bias
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # PEFT starts B at zero, which would hide B's part
+    x = torch.randn(2, 5, layer.in_features)
+    lora = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+
+    def run() -> tuple[torch.Tensor, ...]:
+        inputs = x.clone().requires_grad_()
+        for weight in lora:
+            weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(inputs)
+        (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return out, inputs.grad, *(weight.grad for weight in lora)
+
+    model.train()
+    reference = run()
+    speed_up(model, Precision(torch.device("cpu"), torch.float32, None, grad_scaler=False))
+    assert layer.forward.__func__ is not type(layer).forward  # the lean path is the one measured
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    for got, expected in zip(run(), reference, strict=True):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, **tolerance)
 
 
 @pytest.mark.parametrize("rows", [5, 700])  # one block, and three (of at most 256 rows at this vocabulary)
@@ -85,7 +114,7 @@ def _reference_attention(query, key, value, keep):  # [b, h, L, d] x2, [b, kv, L
     return (scores.softmax(-1) @ value).transpose(1, 2)
 
 
-def test_cpu_attention_matches_plain_grouped_query_attention_with_padding_and_causal_masks() -> None:
+def testcpu_attention_matches_plain_grouped_query_attention_with_padding_and_causal_masks() -> None:
     torch.manual_seed(0)
     batch, heads, kv_heads, length, dim = 2, 4, 2, 7, 8
     query = torch.randn(batch, heads, length, dim)
@@ -95,10 +124,10 @@ def test_cpu_attention_matches_plain_grouped_query_attention_with_padding_and_ca
     padded[1, :2] = False  # the second row is left-padded by two
     keep = causal[None, None] & padded[:, None, None, :]
     module = torch.nn.Module()
-    out, _ = _cpu_attention(module, query, key, value, keep, scaling=dim**-0.5)
+    out, _ = cpu_attention(module, query, key, value, keep, scaling=dim**-0.5)
     expected = _reference_attention(query, key, value, keep)
     torch.testing.assert_close(out[0], expected[0])
     torch.testing.assert_close(out[1, 2:], expected[1, 2:])  # the padding positions' own outputs are unused
-    out, _ = _cpu_attention(module, query, key, value, None, scaling=dim**-0.5)  # None: plainly causal
+    out, _ = cpu_attention(module, query, key, value, None, scaling=dim**-0.5)  # None: plainly causal
     plainly_causal = causal[None, None].expand(batch, 1, -1, -1)
     torch.testing.assert_close(out, _reference_attention(query, key, value, plainly_causal))
