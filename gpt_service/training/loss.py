@@ -31,8 +31,15 @@ _BLOCK_ELEMENTS = 1 << 23
 # Without a gradient the logits are upcast to fp32; blocks of 64 rows (at 32k) stay in the CPU's
 # cache between the upcast and the log-sum-exp, which makes that path 1.6x faster.
 FP32_BLOCK_ELEMENTS = 1 << 21
+# Blocks are a multiple of this many rows (the last one padded with zero rows): oneDNN builds a
+# matrix-multiply kernel for each new shape, which costs more than the padding (see batching.py).
+_ROW_MULTIPLE = 32
 # A target probability below this is recomputed exactly instead of read from the low-precision softmax.
 _TINY_PROBABILITY = 1e-30
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _head_applies_plainly(model: Any) -> bool:
@@ -59,31 +66,35 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         want_grad = hidden.requires_grad
-        most_rows = max(16, (_BLOCK_ELEMENTS if want_grad else FP32_BLOCK_ELEMENTS) // weight.shape[0])
-        rows = math.ceil(hidden.shape[0] / math.ceil(hidden.shape[0] / most_rows))  # equal blocks
+        n = hidden.shape[0]
+        most_rows = max(_ROW_MULTIPLE, (_BLOCK_ELEMENTS if want_grad else FP32_BLOCK_ELEMENTS) // weight.shape[0])
+        rows = _round_up(math.ceil(n / math.ceil(n / most_rows)), _ROW_MULTIPLE)  # equal blocks
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = hidden.new_empty(hidden.shape, dtype=weight.dtype) if want_grad else None
+        grad = hidden.new_empty((_round_up(n, rows), hidden.shape[1]), dtype=weight.dtype) if want_grad else None
         # One buffer for every block's logits, turned into probabilities in place: fresh 16 MiB
         # tensors each block would cost a page fault per 4 KiB and push the weight out of cache.
-        buffer = hidden.new_empty((rows, weight.shape[0]), dtype=weight.dtype)
+        logits = hidden.new_empty((rows, weight.shape[0]), dtype=weight.dtype)
+        block = hidden.new_zeros((rows, hidden.shape[1]), dtype=weight.dtype)
+        index = torch.arange(rows, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], rows):
-                block = hidden[start : start + rows].to(weight.dtype)
-                target = targets[start : start + rows]
-                logits = torch.mm(block, weight.t(), out=buffer[: len(block)])
+            for start in range(0, n, rows):
+                real = min(rows, n - start)
+                block[:real] = hidden[start : start + real]
+                block[real:] = 0
+                target = targets[start : start + real]
+                torch.mm(block, weight.t(), out=logits)
                 if grad is None:
-                    total += exact_cross_entropy_sum(logits, target)
+                    total += exact_cross_entropy_sum(logits[:real], target)
                     continue
-                index = torch.arange(len(target), device=logits.device)
                 probs = torch.softmax(logits, dim=-1, out=logits)
-                target_probs = probs[index, target].float()
+                target_probs = probs[index[:real], target].float()
                 tiny = target_probs < _TINY_PROBABILITY
                 total -= torch.where(tiny, 1.0, target_probs).log().sum()
                 if bool(tiny.any()):  # the logits are gone: recompute those few rows
-                    total += exact_cross_entropy_sum(block[tiny] @ weight.t(), target[tiny])
-                probs[index, target] -= 1  # d loss / d logits = softmax - one_hot
+                    total += exact_cross_entropy_sum(block[:real][tiny] @ weight.t(), target[tiny])
+                probs[index[:real], target] -= 1  # d loss / d logits = softmax - one_hot
                 torch.mm(probs, weight, out=grad[start : start + rows])
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad[:n] if grad is not None else None)
         ctx.hidden_dtype = hidden.dtype
         return total
 

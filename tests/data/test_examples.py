@@ -153,11 +153,13 @@ def test_text_that_already_ends_with_eos_gets_no_second_one(tokenizer: Any) -> N
 def test_padding_in_a_batch_keeps_the_eos_label(tokenizer: Any) -> None:
     short, long = tokenize(tokenizer, [{"text": "Hi"}, {"text": "Hello there, a longer one"}]).examples
     batch = collate([short, long], pad_id=tokenizer.pad_token_id)
-    n = len(short)
+    n, width = len(short), batch["input_ids"].shape[1]
+    assert width % 16 == 0 and width >= len(long)  # a multiple of 16 positions
     assert batch["labels"][0, n - 1].item() == tokenizer.eos_token_id
-    assert batch["labels"][0, n:].tolist() == [IGNORE_INDEX] * (len(long) - n)
-    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (len(long) - n)
-    assert batch["labels"][1].tolist() == long.labels
+    assert batch["labels"][0, n:].tolist() == [IGNORE_INDEX] * (width - n)
+    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (width - n)
+    assert batch["labels"][1].tolist() == long.labels + [IGNORE_INDEX] * (width - len(long))
+    assert batch["input_ids"][1, len(long):].tolist() == [tokenizer.pad_token_id] * (width - len(long))
 
 
 # Truncation
