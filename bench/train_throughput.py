@@ -17,7 +17,8 @@ lr 2e-4, linear decay; one epoch; 90 optimizer steps for every run) with:
        batches), with bf16 turned on: for reference, the (b) that the spec's targets were set on;
   (b)  TRL's `SFTTrainer` with its best settings for this machine: base weights in bf16, bf16
        autocast, gradient checkpointing off, padding-free batches (each batch one row, no
-       padding; `--trl-mode padded|packing` and `--trl-base fp32` measure the alternatives);
+       padding; `--trl-mode padded|packing`, `--trl-base fp32` and `--trl-pad-to 16` (its
+       `pad_to_multiple_of`, which ours does; it gains TRL nothing) measure the alternatives);
   (c)  ours: `gpt_service.training.run_lora_finetune` with the defaults of config/models.yaml
        (no evaluation during training: none of the runs evaluates before the end).
 
@@ -337,7 +338,7 @@ def run_docs_trainer(setup: Setup, out: Path) -> Result:
 # -- (b) TRL SFTTrainer ----------------------------------------------------------------------------
 
 
-def run_trl(setup: Setup, out: Path, mode: str, base_dtype: str) -> Result:
+def run_trl(setup: Setup, out: Path, mode: str, base_dtype: str, pad_to: int | None) -> Result:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import SFTConfig, SFTTrainer
@@ -356,7 +357,7 @@ def run_trl(setup: Setup, out: Path, mode: str, base_dtype: str) -> Result:
         output_dir=str(out), num_train_epochs=1, per_device_train_batch_size=BATCH_SIZE,
         learning_rate=LEARNING_RATE, max_grad_norm=1.0, warmup_steps=0, lr_scheduler_type="linear",
         bf16=True, use_cpu=True, gradient_checkpointing=False, save_strategy="no", report_to="none", disable_tqdm=True,
-        logging_steps=10**9, seed=42, **batching,
+        logging_steps=10**9, seed=42, pad_to_multiple_of=pad_to, **batching,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=_lora_config())
@@ -365,7 +366,8 @@ def run_trl(setup: Setup, out: Path, mode: str, base_dtype: str) -> Result:
     output = trainer.train()
     seconds = time.perf_counter() - start
     trainer.model.save_pretrained(out / "adapter")
-    name = f"(b) TRL SFTTrainer, bf16 autocast, {base_dtype} base, {mode}"
+    padded_to = f", padded to x{pad_to}" if pad_to else ""
+    name = f"(b) TRL SFTTrainer, bf16 autocast, {base_dtype} base, {mode}{padded_to}"
     return Result(name, seconds, sum(map(len, setup.train_ids)), output.global_step)
 
 
@@ -489,7 +491,7 @@ def run_one(key: str, setup: Setup, args: argparse.Namespace) -> Result:
     elif key == "b0":
         result = run_trl_defaults(setup, out)
     elif key == "b":
-        result = run_trl(setup, out, args.trl_mode, args.trl_base)
+        result = run_trl(setup, out, args.trl_mode, args.trl_base, args.trl_pad_to)
     else:
         result = run_ours(setup, out)
     result.other_load = others.share()
@@ -502,6 +504,7 @@ def run_in_child(key: str, root: Path, args: argparse.Namespace) -> Result:
     """`run_one` in a fresh Python process, so that no run inherits another's threads, caches or heap."""
     argv = [sys.executable, __file__, "--child", key, "--keep", str(root), "--samples", str(args.samples),
             "--seed", str(args.seed), "--trl-mode", args.trl_mode, "--trl-base", args.trl_base,
+            *(["--trl-pad-to", str(args.trl_pad_to)] if args.trl_pad_to else []),
             "--threads", str(args.threads)]
     done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=True)
     return Result(**json.loads(done.stdout.strip().splitlines()[-1]))
@@ -514,6 +517,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trl-mode", choices=["padded", "padding-free", "packing"], default="padding-free")
     parser.add_argument("--trl-base", choices=["bf16", "fp32"], default="bf16", help="(b)'s frozen base dtype")
+    parser.add_argument("--trl-pad-to", type=int, default=None, help="(b)'s pad_to_multiple_of")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--keep", type=Path, help="keep the model, data and adapters in this folder")
     parser.add_argument("--results", type=Path, help="also write the report, as Markdown, to this file")
