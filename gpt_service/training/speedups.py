@@ -165,7 +165,7 @@ class _LoraDelta(torch.autograd.Function):
     and one on the sum, and takes A's gradient as `dropped.T @ grad_h`, whose tall-and-thin output
     a CPU computes 3x slower than the same numbers as `grad_h.T @ dropped`. Here the scaling rides
     in the matmuls, and both weight gradients come from (rank x tokens) @ (tokens x features):
-    about 0.3 ms less per LoRA layer per step at 500 tokens, a fifth of what LoRA costs there.
+    about 0.3 ms less per LoRA layer per step at 500 tokens, of the 0.8 ms that LoRA adds there.
     """
 
     @staticmethod
@@ -178,6 +178,7 @@ class _LoraDelta(torch.autograd.Function):
         out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t(), alpha=scale)
         ctx.save_for_backward(inputs, hidden, a, b)
         ctx.scale, ctx.dropped_dtype, ctx.dropped_shape = scale, dropped.dtype, dropped.shape
+        ctx.weight_dtype = lora_a.dtype
         return out.view(result.shape)
 
     @staticmethod
@@ -186,8 +187,8 @@ class _LoraDelta(torch.autograd.Function):
         inputs, hidden, a, b = ctx.saved_tensors
         grad_out = grad.reshape(-1, grad.shape[-1])
         grad_hidden = grad_out @ (b * ctx.scale)
-        grad_b = torch.mm(hidden.t(), grad_out).t().float().mul_(ctx.scale)
-        grad_a = torch.mm(grad_hidden.t(), inputs).float()
+        grad_b = torch.mm(hidden.t(), grad_out).t().to(ctx.weight_dtype).mul_(ctx.scale)
+        grad_a = torch.mm(grad_hidden.t(), inputs).to(ctx.weight_dtype)
         grad_dropped = (grad_hidden @ a).to(ctx.dropped_dtype).view(ctx.dropped_shape)
         return grad, grad_dropped, grad_a, grad_b, None
 
