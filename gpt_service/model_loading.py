@@ -36,3 +36,8 @@ def load_causal_lm(
     except (OSError, ValueError) as exc:  # custom code refused, missing files, unknown architecture
         raise ModelSourceError(f"cannot load the model {name_or_path}: {exc}") from exc
     return model.to(device)
+
+
+def position_limit(model: Any) -> int | None:
+    """The most positions a model's config says it takes (`max_position_embeddings`), if it says."""
+    return getattr(model.config, "max_position_embeddings", None)

@@ -39,10 +39,13 @@ def sequential_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate(examples: list[Example], pad_id: int, multiple: int = PAD_TO_MULTIPLE_OF) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest sample, rounded up to `multiple`; padding is masked out of
-    attention and labels."""
-    width = -(-max(len(e) for e in examples) // multiple) * multiple
+def collate(examples: list[Example], pad_id: int, max_width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest sample, rounded up to `PAD_TO_MULTIPLE_OF` but not past
+    `max_width` (a model's position limit); padding is masked out of attention and labels."""
+    longest = max(len(e) for e in examples)
+    width = -(-longest // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
+    if max_width is not None:
+        width = max(longest, min(width, max_width))
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)

@@ -23,6 +23,7 @@ from gpt_service.data.batching import collate, sequential_batches
 from gpt_service.data.examples import Example
 from gpt_service.data.readers import DatasetError
 from gpt_service.inference.registry import BaseModel
+from gpt_service.model_loading import position_limit
 from gpt_service.training.loss import FP32_BLOCK_ELEMENTS, exact_cross_entropy_sum, labelled_outputs
 
 MAX_LOSS_FOR_PERPLEXITY = 700.0  # exp() of more overflows a float
@@ -77,7 +78,7 @@ def token_figures(base: BaseModel, adapter: str | None, examples: list[Example],
     """The figures of `base` with `adapter` (None: no adapter) over every labelled token of `examples`."""
     loss, correct, tokens = 0.0, 0, 0
     for indices in sequential_batches([len(e) for e in examples], batch_size):
-        batch = collate([examples[i] for i in indices], base.tokenizer.pad_token_id)
+        batch = collate([examples[i] for i in indices], base.tokenizer.pad_token_id, position_limit(base.model))
         with base.engine.model_lock:  # the engine steps between our batches, never during one
             model = base.model
             batch = {k: v.to(model.device) for k, v in batch.items()}

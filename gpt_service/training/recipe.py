@@ -32,7 +32,7 @@ from gpt_service.data.examples import IGNORE_INDEX, Example
 from gpt_service.data.prepare import PreparedData, prepare_data
 from gpt_service.errors import UserError
 from gpt_service.hardware import Precision, choose_precision
-from gpt_service.model_loading import load_causal_lm, load_tokenizer
+from gpt_service.model_loading import load_causal_lm, load_tokenizer, position_limit
 from gpt_service.training.checkpoints import (
     list_checkpoints,
     load_checkpoint,
@@ -139,7 +139,8 @@ class _Run:
         return torch.autocast(self.precision.device.type, dtype=dtype) if dtype else nullcontext()
 
     def _to_device(self, examples: list[Example], batch: list[int]) -> dict[str, torch.Tensor]:
-        tensors = collate([examples[i] for i in batch], self.tokenizer.pad_token_id)
+        tensors = collate([examples[i] for i in batch], self.tokenizer.pad_token_id,
+                          position_limit(self.model))
         return {k: v.to(self.precision.device) for k, v in tensors.items()}
 
     @torch.no_grad()

@@ -123,11 +123,14 @@ class LoraDropout(nn.Module):
     """Inverted dropout from 16-bit random draws (p rounded to a multiple of 2^-16), one mask per input.
 
     `nn.Dropout` draws one random float per element; four 16-bit draws from each 64-bit integer
-    are a quarter of that work, which on a CPU is most of what the LoRA dropout costs. One instance
-    serves the LoRA layers of one parent module: called again with the very tensor it dropped
-    last (q, k and v all read the same normed hidden states), it returns the same dropped tensor,
-    so those layers share one mask, as they do in PEFT where q, k and v are one fused projection,
-    and two of every three draws are saved. It holds both tensors only weakly.
+    are a quarter of that work, which on a CPU is most of what the LoRA dropout costs.
+
+    One instance serves the LoRA layers of one parent module: called again with the very tensor it
+    dropped last (q, k and v read the same normed hidden states, and so do gate and up), it
+    returns the same dropped tensor. Those layers then share one mask, as PEFT's do in models with
+    a fused projection (GPT-2's `c_attn`, Phi-3's `qkv_proj`), and two of every three draws are
+    saved. It holds both tensors only weakly, so the sharing lasts while the first layer keeps
+    the dropped tensor for its backward, which `_LoraDelta` does.
     """
 
     def __init__(self, p: float) -> None:
@@ -178,18 +181,20 @@ class _LoraDelta(torch.autograd.Function):
         out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t(), alpha=scale)
         ctx.save_for_backward(inputs, hidden, a, b)
         ctx.scale, ctx.dropped_dtype, ctx.dropped_shape = scale, dropped.dtype, dropped.shape
-        ctx.weight_dtype = lora_a.dtype
+        ctx.weight_dtypes = lora_a.dtype, lora_b.dtype
         return out.view(result.shape)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                         torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                                         torch.Tensor | None, None]:
         inputs, hidden, a, b = ctx.saved_tensors
+        a_dtype, b_dtype = ctx.weight_dtypes
         grad_out = grad.reshape(-1, grad.shape[-1])
         grad_hidden = grad_out @ (b * ctx.scale)
-        grad_b = torch.mm(hidden.t(), grad_out).t().to(ctx.weight_dtype).mul_(ctx.scale)
-        grad_a = torch.mm(grad_hidden.t(), inputs).to(ctx.weight_dtype)
-        grad_dropped = (grad_hidden @ a).to(ctx.dropped_dtype).view(ctx.dropped_shape)
+        _, wants_dropped, wants_a, wants_b, _ = ctx.needs_input_grad
+        grad_dropped = (grad_hidden @ a).to(ctx.dropped_dtype).view(ctx.dropped_shape) if wants_dropped else None
+        grad_a = torch.mm(grad_hidden.t(), inputs).to(a_dtype) if wants_a else None
+        grad_b = torch.mm(hidden.t(), grad_out).t().to(b_dtype).mul_(ctx.scale) if wants_b else None
         return grad, grad_dropped, grad_a, grad_b, None
 
 

@@ -160,6 +160,9 @@ def test_padding_in_a_batch_keeps_the_eos_label(tokenizer: Any) -> None:
     assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (width - n)
     assert batch["labels"][1].tolist() == long.labels + [IGNORE_INDEX] * (width - len(long))
     assert batch["input_ids"][1, len(long):].tolist() == [tokenizer.pad_token_id] * (width - len(long))
+    capped = collate([short, long], pad_id=tokenizer.pad_token_id, max_width=len(long))  # a position limit
+    assert capped["input_ids"].shape[1] == len(long)
+    assert collate([long], pad_id=0, max_width=1)["input_ids"].shape[1] == len(long)  # never cut a sample
 
 
 # Truncation

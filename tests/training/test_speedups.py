@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
 from gpt_service.hardware import Precision
@@ -35,43 +38,59 @@ def test_lora_dropout_drops_p_of_the_elements_and_scales_the_rest_like_inverted_
     assert LoraDropout(0.0).train()(x) is x
 
 
-def test_the_lora_layers_of_one_attention_share_a_dropout_and_other_layers_do_not(tiny_model) -> None:
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(
-        r=4, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]))
-    speed_up(model, Precision(torch.device("cpu"), torch.float32, None, grad_scaler=False))
+CPU_BF16 = Precision(torch.device("cpu"), torch.bfloat16, torch.bfloat16, grad_scaler=False)  # the recipe's
+CPU_FP32 = Precision(torch.device("cpu"), torch.float32, None, grad_scaler=False)
+EVERY_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_model(tiny_model, precision: Precision, **lora: Any) -> Any:
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=precision.weights_dtype)
+    model = get_peft_model(base, LoraConfig(**lora))
+    for param in model.parameters():
+        if param.requires_grad:  # LoRA weights in fp32, as the recipe keeps them
+            param.data = param.data.float()
+    return model
+
+
+def test_lora_layers_reading_one_tensor_share_a_dropout_mask_and_no_others_do(tiny_model) -> None:
+    model = _lora_model(tiny_model, CPU_BF16, r=4, lora_dropout=0.1, target_modules=EVERY_LINEAR)
+    speed_up(model, CPU_BF16)
     layers = model.get_base_model().model.layers
-    dropouts = [[getattr(module, name).lora_dropout["default"] for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
-                for module in (layers[0].self_attn, layers[1].self_attn)]
-    assert all(type(d) is LoraDropout for d in dropouts[0] + dropouts[1])
-    assert len({id(d) for d in dropouts[0]}) == 1 and dropouts[1][0] is not dropouts[0][0]
-    assert layers[0].mlp.up_proj.lora_dropout["default"] is not dropouts[0][0]
+    attention = [getattr(layers[0].self_attn, name).lora_dropout["default"] for name in EVERY_LINEAR[:4]]
+    mlp = [getattr(layers[0].mlp, name).lora_dropout["default"] for name in EVERY_LINEAR[4:]]
+    assert all(type(d) is LoraDropout for d in attention + mlp)
+    assert attention.count(attention[0]) == 4 and mlp.count(mlp[0]) == 3 and mlp[0] is not attention[0]
+    assert layers[1].self_attn.q_proj.lora_dropout["default"] is not attention[0]
+    ids = torch.randint(0, 100, (2, 9))
+    with profile(activities=[ProfilerActivity.CPU]) as trace, torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train()(ids).logits.sum().backward()
+    draws = sum(event.count for event in trace.key_averages() if event.key == "aten::random_")
+    assert draws == 4 * len(layers)  # q+k+v, o, gate+up, down: one mask each
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_the_lean_lora_forward_computes_what_peft_does_and_the_same_gradients(tiny_model, autocast: bool) -> None:
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(
-        r=4, lora_alpha=24, lora_dropout=0.0, target_modules=["q_proj"]))  # scaling 6; q_proj has a bias
+@pytest.mark.parametrize("precision", [CPU_FP32, CPU_BF16], ids=["fp32", "bf16-autocast"])
+def test_the_lean_lora_forward_computes_what_peft_does_and_the_same_gradients(tiny_model, precision) -> None:
+    model = _lora_model(tiny_model, precision, r=4, lora_alpha=24, lora_dropout=0.1,  # scaling 6
+                        target_modules=["q_proj"])  # q_proj has a bias
+    speed_up(model.train(), precision)
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert layer.forward.__func__ is not type(layer).forward  # the lean path is installed
     torch.nn.init.normal_(layer.lora_B["default"].weight)  # PEFT starts B at zero, which would hide B's part
-    x = torch.randn(2, 5, layer.in_features)
+    x = torch.randn(2, 5, layer.in_features, dtype=precision.weights_dtype)
     lora = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
 
-    def run() -> tuple[torch.Tensor, ...]:
+    def run(forward: Any) -> tuple[torch.Tensor, ...]:
+        torch.manual_seed(0)  # the same dropout mask for both
         inputs = x.clone().requires_grad_()
         for weight in lora:
             weight.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = layer(inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.autocast_dtype is not None):
+            out = forward(inputs)
         (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
         return out, inputs.grad, *(weight.grad for weight in lora)
 
-    model.train()
-    reference = run()
-    speed_up(model, Precision(torch.device("cpu"), torch.float32, None, grad_scaler=False))
-    assert layer.forward.__func__ is not type(layer).forward  # the lean path is the one measured
-    tolerance = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
-    for got, expected in zip(run(), reference, strict=True):
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if precision is CPU_FP32 else {"rtol": 2e-2, "atol": 5e-2}
+    for got, expected in zip(run(layer), run(lambda inputs: type(layer).forward(layer, inputs)), strict=True):
         assert got.dtype == expected.dtype
         torch.testing.assert_close(got, expected, **tolerance)
 
@@ -114,7 +133,7 @@ def _reference_attention(query, key, value, keep):  # [b, h, L, d] x2, [b, kv, L
     return (scores.softmax(-1) @ value).transpose(1, 2)
 
 
-def testcpu_attention_matches_plain_grouped_query_attention_with_padding_and_causal_masks() -> None:
+def test_cpu_attention_matches_plain_grouped_query_attention_with_padding_and_causal_masks() -> None:
     torch.manual_seed(0)
     batch, heads, kv_heads, length, dim = 2, 4, 2, 7, 8
     query = torch.randn(batch, heads, length, dim)
