@@ -24,9 +24,9 @@ from torch import nn
 
 from gpt_service.data.examples import IGNORE_INDEX
 
-# Logit elements per block (bf16: 16 MiB, about 260 rows at a 32k vocabulary): the most that
-# stays in a CPU's last-level cache between the matrix multiply, the softmax and the gradient's
-# matrix multiply; 512-row blocks make the head 15% slower.
+# Logit elements per block at most (bf16: 16 MiB, 256 rows at a 32k vocabulary): what stays in a
+# CPU's last-level cache between the matrix multiply, the softmax and the gradient's matrix
+# multiply; 512-row blocks make the head 15% slower.
 _BLOCK_ELEMENTS = 1 << 23
 # Without a gradient the logits are upcast to fp32; blocks of 64 rows (at 32k) stay in the CPU's
 # cache between the upcast and the log-sum-exp, which makes that path 1.6x faster.
