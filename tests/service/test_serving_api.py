@@ -229,17 +229,26 @@ def test_replace_unload_and_unload_while_generating(srv: Server, served_workspac
     prompt = qa_prompt(QA_PAIRS[3][0])
     assert generate(srv, "tmp", prompt)["text"] == generate(srv, "b", prompt)["text"]
 
-    result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(generate(srv, "tmp", "x", max_tokens=1500,
-                                                                    temperature=1.0, seed=3)))
-    worker.start()
-    while not any(m["running"] for m in requests.get(f"{srv.url}/models", timeout=10).json()["models"]):
-        pass
+    worker, result = start_a_running_generation(srv, "tmp")
     assert requests.post(f"{srv.url}/models/unload", json={"model_name": "tmp"}, timeout=30).ok
     assert generate_status(srv, "tmp") == 404
     worker.join(120)
     assert result["finish_reason"] in ("stop", "length") and result["usage"]["completion_tokens"] > 0
     assert requests.delete(f"{srv.url}/models/tmp", timeout=30).status_code == 404
+
+
+def start_a_running_generation(server: Server, model: str) -> tuple[threading.Thread, dict]:
+    """A long sampled generation, seen running before this returns (a seed whose text ends at once is skipped)."""
+    for seed in range(3, 23):
+        result: dict = {}
+        worker = threading.Thread(target=lambda seed=seed, result=result: result.update(
+            generate(server, model, "x", max_tokens=1500, temperature=1.0, seed=seed)))
+        worker.start()
+        while worker.is_alive():
+            if any(m["running"] for m in requests.get(f"{server.url}/models", timeout=10).json()["models"]):
+                return worker, result
+        worker.join()
+    raise AssertionError(f"every sampled generation of {model} ended before it was seen running")
 
 
 def generate_status(server: Server, model: str) -> int:
