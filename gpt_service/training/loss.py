@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt_service.data.batching import round_up
 from gpt_service.data.examples import IGNORE_INDEX
 
 # Logit elements per block at most (bf16: 16 MiB, 256 rows at a 32k vocabulary): what stays in a
@@ -36,10 +37,6 @@ FP32_BLOCK_ELEMENTS = 1 << 21
 _ROW_MULTIPLE = 32
 # A target probability below this is recomputed exactly instead of read from the low-precision softmax.
 _TINY_PROBABILITY = 1e-30
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _head_applies_plainly(model: Any) -> bool:
@@ -69,9 +66,9 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         budget = (_BLOCK_ELEMENTS if want_grad else FP32_BLOCK_ELEMENTS) // weight.shape[0]
         most_rows = max(_ROW_MULTIPLE, budget // _ROW_MULTIPLE * _ROW_MULTIPLE)
-        rows = _round_up(math.ceil(n / math.ceil(n / most_rows)), _ROW_MULTIPLE)  # equal blocks
+        rows = round_up(math.ceil(n / math.ceil(n / most_rows)), _ROW_MULTIPLE)  # equal blocks
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = hidden.new_empty((_round_up(n, rows), hidden.shape[1]), dtype=weight.dtype) if want_grad else None
+        grad = hidden.new_empty((round_up(n, rows), hidden.shape[1]), dtype=weight.dtype) if want_grad else None
         # One buffer for every block's logits, turned into probabilities in place: fresh 16 MiB
         # tensors each block would cost a page fault per 4 KiB and push the weight out of cache.
         logits = hidden.new_empty((rows, weight.shape[0]), dtype=weight.dtype)
