@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from gpt_service import __version__
 from gpt_service.api.errors import install_error_handlers
 from gpt_service.api.observability import install_metrics
+from gpt_service.api.responses import install_openapi
 from gpt_service.api.routes import console, evaluation, openai_compat, serving, training
 from gpt_service.api.security import ApiKeyMiddleware, BodyLimitMiddleware
 from gpt_service.settings import ServiceSettings, load_settings
@@ -51,6 +52,7 @@ def create_app(settings: ServiceSettings | None = None, *, run_worker: bool = Tr
                            allow_headers=["*"])
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     install_metrics(app)
+    install_openapi(app, api_key=settings.api_key is not None)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
 

@@ -90,7 +90,9 @@ def install_metrics(app: FastAPI) -> None:
     registry.register(_StateCollector(app))
     app.add_middleware(_RequestMetrics, requests=requests, latency=latency)
 
-    @app.get("/metrics", tags=["service"], include_in_schema=True)
+    @app.get("/metrics", tags=["service"], response_class=Response, responses={200: {
+        "description": "Prometheus' text exposition format.",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}})
     def metrics(_request: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ModelName = Field(..., min_length=1, max_length=128, pattern=r"^[\w.:/@+-]+$",
-                  description="The name requests use for this model.")
+
+def model_name_field(example: str) -> Any:
+    return Field(..., min_length=1, max_length=128, pattern=r"^[\w.:/@+-]+$",
+                 description="The name requests use for this model.", examples=[example])
+
+
+ModelName = model_name_field("my-fine-tuned-model")
 StopField = Field(None, description="Up to 8 strings that end the answer (not included in it).")
 MAX_STOP = 8
+GUIDE_PROMPT = "用户：介绍一下Python\n助手："
 
 
 class LoadRequest(BaseModel):
@@ -26,17 +32,17 @@ class LoadRequest(BaseModel):
 class UnloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model_name: str = ModelName
+    model_name: str = model_name_field("my-old-model")
 
 
 class SamplingFields(BaseModel):
     """Sampling options shared by /generate and the OpenAI routes."""
 
     max_tokens: int = Field(128, ge=1, description="Most tokens to generate.")
-    temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy.")
+    temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy (and so is anything below 1e-5).")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, le=100_000, description="0 turns top-k off.")
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10, description="Above 1 discourages repeats.")
     stop: str | list[str] | None = StopField
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same text.")
     stream: bool = Field(False, description="Server-sent events, one per piece of text.")
@@ -49,7 +55,7 @@ class SamplingFields(BaseModel):
 class GenerateRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(..., description="The text to continue.")
+    prompt: str = Field(..., description="The text to continue.", examples=[GUIDE_PROMPT])
     model_name: str = ModelName
 
 
@@ -70,7 +76,8 @@ class OpenAIFields(SamplingFields):
 
 
 class CompletionRequest(OpenAIFields):
-    prompt: str | list[str] = Field(..., description="One prompt (a list must hold exactly one).")
+    prompt: str | list[str] = Field(..., description="One prompt (a list must hold exactly one).",
+                                    examples=[GUIDE_PROMPT])
 
 
 class ChatMessage(BaseModel):

@@ -6,11 +6,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Temperatures below this are greedy, as in vLLM: dividing logits by 1e-45 makes them inf and the softmax NaN.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 128
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0
@@ -19,7 +22,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -17,6 +17,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from gpt_service.api.responses import errors
 from gpt_service.api.routes.training import Settings, Store, existing_task
 
 CONSOLE_DIR = Path(__file__).resolve().parent.parent.parent / "console"
@@ -112,7 +113,7 @@ def list_model_folders(settings: Settings) -> dict[str, Any]:  # type: ignore[va
             "truncated": truncated}
 
 
-@router.get("/train/{task_id}/config", tags=["training"])
+@router.get("/train/{task_id}/config", tags=["training"], responses=errors(404))
 def task_config(task_id: str, store: Store) -> dict[str, Any]:  # type: ignore[valid-type]
     """The full parameters a task runs with (a training's config, or an evaluation's job)."""
     task = existing_task(task_id, store)  # type: ignore[arg-type]

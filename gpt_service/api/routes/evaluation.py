@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from gpt_service.api.evaluation_schemas import EvaluateRequest
+from gpt_service.api.responses import errors
 from gpt_service.api.routes.serving import get_inference
 from gpt_service.data.readers import Record
 from gpt_service.errors import UserError
@@ -50,7 +51,9 @@ def _check_for_task(job: EvaluationJob, records: list[Record], tokenizer: Any) -
     load_eval_set(tokenizer, records, job)
 
 
-@router.post("/evaluate", status_code=200)
+@router.post("/evaluate", status_code=200, responses={
+    202: {"description": "More samples than `evaluate_task_threshold`: queued as a task; follow its `task_id`."},
+    **errors(400, 403, 404, 409, 413, 422, 429)})
 async def evaluate(body: EvaluateRequest, request: Request, response: Response) -> dict[str, Any]:
     settings: ServiceSettings = request.app.state.settings
     if body.max_tokens > settings.max_tokens_limit:

@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from gpt_service.api.responses import STREAMED, errors
 from gpt_service.api.routes.serving import check_prompt_size, check_sampling, get_inference, sse, usage
 from gpt_service.api.serving_schemas import ChatRequest, CompletionRequest, OpenAIFields
 from gpt_service.errors import UserError
@@ -94,7 +95,7 @@ async def _chunks(head: dict[str, Any], streams: list[AsyncIterator[Any]], chat:
             await stream.aclose()  # type: ignore[attr-defined]
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, responses=STREAMED | errors(400, 404, 413, 422, 429, openai=True))
 async def completions(body: CompletionRequest, request: Request) -> Any:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
@@ -103,7 +104,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                       default_tokens=DEFAULT_COMPLETION_TOKENS, chat=False)
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None,
+             responses=STREAMED | errors(400, 404, 413, 422, 429, openai=True))
 async def chat_completions(body: ChatRequest, request: Request) -> Any:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     return await _run(request, body, prompt=None, messages=messages, default_tokens=DEFAULT_CHAT_TOKENS, chat=True)

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from gpt_service.api.responses import STREAMED, errors
 from gpt_service.api.serving_schemas import MAX_STOP, GenerateRequest, LoadRequest, SamplingFields, UnloadRequest
 from gpt_service.errors import UserError
 from gpt_service.settings import ServiceSettings
@@ -60,7 +61,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-@router.post("/models/load")
+@router.post("/models/load", responses=errors(400, 403, 404, 409, 413, 422))
 async def load_model(body: LoadRequest, request: Request) -> dict[str, Any]:
     settings: ServiceSettings = request.app.state.settings
     model_path = model_location(body.model_path, settings, "model_path")
@@ -75,18 +76,18 @@ def list_models(request: Request) -> dict[str, Any]:
     return {"models": inference.models() if inference else []}
 
 
-@router.delete("/models/{model_name:path}")
+@router.delete("/models/{model_name:path}", responses=errors(404))
 def delete_model(model_name: str, request: Request) -> dict[str, Any]:
     get_inference(request).unload(model_name)
     return {"status": "unloaded", "model_name": model_name}
 
 
-@router.post("/models/unload")
+@router.post("/models/unload", responses=errors(400, 404, 413, 422))
 def unload_model(body: UnloadRequest, request: Request) -> dict[str, Any]:
     return delete_model(body.model_name, request)
 
 
-@router.post("/generate", response_model=None)
+@router.post("/generate", response_model=None, responses=STREAMED | errors(400, 404, 413, 422, 429))
 async def generate(body: GenerateRequest, request: Request) -> dict[str, Any] | StreamingResponse:
     settings: ServiceSettings = request.app.state.settings
     check_prompt_size(body.prompt, settings)

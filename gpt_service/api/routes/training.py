@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from gpt_service.api.responses import errors
 from gpt_service.api.schemas import TrainAccepted, TrainRequest, task_view
 from gpt_service.paths import confine
 from gpt_service.settings import ServiceSettings
@@ -16,6 +17,16 @@ from gpt_service.tasks.store import ACTIVE, STATUSES, Task, TaskStore
 from gpt_service.tasks.submission import ConflictError, NotFoundError, prepare_training
 
 router = APIRouter(tags=["training"])
+# OpenAPI links from a new task's id to the calls that take it (clients and API testers follow them).
+TASK_LINKS = {
+    name: {"operationRef": f"#/paths/{path.replace('/', '~1')}/{method}",
+           "parameters": {"task_id": "$response.body#/task_id"}}
+    for name, method, path in [("status", "get", "/train/status/{task_id}"), ("logs", "get", "/train/{task_id}/logs"),
+                               ("metrics", "get", "/train/{task_id}/metrics"),
+                               ("config", "get", "/train/{task_id}/config"),
+                               ("cancel", "post", "/train/{task_id}/cancel"),
+                               ("resume", "post", "/train/{task_id}/resume")]
+}
 _submit_lock = threading.Lock()  # the output_dir check and the insert happen as one
 
 
@@ -38,7 +49,8 @@ def existing_task(task_id: str, store: TaskStore) -> Task:
     return task
 
 
-@router.post("/train", response_model=TrainAccepted)
+@router.post("/train", response_model=TrainAccepted,
+             responses={200: {"links": TASK_LINKS}, **errors(400, 403, 404, 409, 413, 422)})
 def submit_training(body: TrainRequest, store: Store, settings: Settings) -> dict[str, Any]:  # type: ignore[valid-type]
     task_id = store.new_id()
     config = prepare_training(body.model_dump(exclude_none=True), settings, task_id)  # type: ignore[attr-defined]
@@ -50,28 +62,28 @@ def submit_training(body: TrainRequest, store: Store, settings: Settings) -> dic
     return {"task_id": task_id, "status": "pending", "output_dir": config.output_dir}
 
 
-@router.get("/train/status/{task_id}")
+@router.get("/train/status/{task_id}", responses=errors(404))
 def training_status(task_id: str, store: Store) -> dict[str, Any]:
     return task_view(existing_task(task_id, store))
 
 
-@router.get("/train/history")
+@router.get("/train/history", responses=errors(422))
 def training_history(
     store: Store,
     status: Annotated[str | None, Query(pattern="^(" + "|".join(STATUSES) + ")$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
 ) -> dict[str, Any]:
     return {"tasks": [task_view(t) for t in store.list(status, limit, offset)]}
 
 
-@router.post("/train/{task_id}/cancel")
+@router.post("/train/{task_id}/cancel", responses=errors(404))
 def cancel_training(task_id: str, store: Store) -> dict[str, Any]:
     existing_task(task_id, store)
     return task_view(store.request_cancel(task_id))  # type: ignore[arg-type]
 
 
-@router.post("/train/{task_id}/resume")
+@router.post("/train/{task_id}/resume", responses=errors(404, 409))
 def resume_training(task_id: str, store: Store) -> dict[str, Any]:
     task = existing_task(task_id, store)
     if task.status not in ("failed", "cancelled"):
@@ -85,7 +97,7 @@ def resume_training(task_id: str, store: Store) -> dict[str, Any]:
     return task_view(resumed)
 
 
-@router.get("/train/{task_id}/logs")
+@router.get("/train/{task_id}/logs", responses=errors(404, 422))
 def training_logs(
     task_id: str, store: Store,
     tail: Annotated[int, Query(ge=1, le=100_000)] = 100, all: bool = False,
@@ -94,7 +106,7 @@ def training_logs(
     return {"task_id": task_id, "lines": store.log_lines(task_id, None if all else tail)}
 
 
-@router.get("/train/{task_id}/metrics")
+@router.get("/train/{task_id}/metrics", responses=errors(404))
 def training_metrics(task_id: str, store: Store) -> dict[str, Any]:
     existing_task(task_id, store)
     points = store.metrics(task_id)
@@ -107,7 +119,7 @@ def training_metrics(task_id: str, store: Store) -> dict[str, Any]:
     }
 
 
-@router.delete("/train/{task_id}")
+@router.delete("/train/{task_id}", responses=errors(403, 404, 409, 422))
 def delete_training(task_id: str, store: Store, settings: Settings, delete_files: bool = False) -> dict[str, Any]:
     task = existing_task(task_id, store)
     if task.status in ACTIVE:
