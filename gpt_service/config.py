@@ -94,6 +94,8 @@ class TrainConfig(_Settings):
     )
     overwrite_output_dir: bool = Field(False, description="Allow writing into another run's output_dir.")
     tensorboard: bool = Field(False, description="Write TensorBoard event files to <output_dir>/runs.")
+    fast_paths: bool = Field(True, description="The hand-written speed-ups (fused head loss, LoRA branch, shared "
+                             "dropout masks, CPU attention); false runs plain PEFT and PyTorch, for diagnosis.")
     lora_config: LoraSettings = Field(default_factory=LoraSettings)
 
     @model_validator(mode="after")

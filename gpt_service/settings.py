@@ -37,6 +37,8 @@ class ServiceSettings(BaseSettings):
     serve_dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$",
                              description="Serving precision; auto = bf16 where the hardware has it.")
     max_batch_size: int = Field(64, ge=1, le=1024, description="Sequences generated together per base model.")
+    fast_paths: bool = Field(True, description="The engine's fast decode step (packed bf16 weights, batched "
+                             "LoRA rows); false decodes through the model's own forward, for diagnosis.")
     max_waiting_requests: int = Field(256, ge=1, description="Requests queued per base model; past it, 429.")
     max_tokens_limit: int = Field(8192, ge=1, description="Largest max_tokens a request may ask for.")
     max_prompt_chars: int = Field(200_000, ge=1, description="Longest prompt, in characters.")

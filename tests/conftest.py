@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from gpt_service.demo_model import build_demo_model
 
@@ -31,6 +33,18 @@ QA_PAIRS = [
     ("谢谢", "不客气！"),
     ("Say goodbye", "Goodbye! Have a nice day."),
 ]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run where CUDA is (`pytest -m gpu`); elsewhere they are deselected, not skipped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +85,11 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def on_port(code: str, port: int) -> str:
+    """Documentation code, which talks to the default port 8000, talking to a test server's port instead."""
+    return re.sub(r"\b(localhost|127\.0\.0\.1):8000\b", f"127.0.0.1:{port}", code)
 
 
 def install_in_hub_cache(model_dir: Path, cache: Path, repo_id: str) -> None:
@@ -123,6 +142,12 @@ class Server:
         while requests.get(f"{self.url}/train/status/{task_id}", timeout=10).json()["current_step"] < step:
             assert time.monotonic() < deadline, f"task {task_id} did not reach step {step}"
             time.sleep(0.1)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of the server's Prometheus metric `name` that carry `labels`."""
+        families = text_string_to_metric_families(requests.get(f"{self.url}/metrics", timeout=10).text)
+        return sum(sample.value for family in families if family.name == name for sample in family.samples
+                   if sample.name in (name, f"{name}_total") and labels.items() <= sample.labels.items())
 
     def wait_for(self, task_id: str, statuses: tuple[str, ...], timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout

@@ -1,4 +1,5 @@
-"""Every example in README.md runs, in order, against a real server on the README's port.
+"""Every example in README.md runs, in order, against a real server (on a free port: the examples' 8000 is
+rewritten).
 
 The set-up commands are what CI itself runs, so they are the one kind of block not repeated here.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gpt_service.demo_model import build_demo_model
-from tests.conftest import REPO, Server
+from tests.conftest import REPO, Server, free_port, on_port
 
 BLOCK = re.compile(r"```(python|bash)\n(.*?)```", re.DOTALL)
 
@@ -40,9 +41,10 @@ def readme_workspace(tmp_path: Path) -> Path:
 def test_every_readme_example_runs(readme_workspace: Path, server_env: dict[str, str]) -> None:
     blocks = readme_blocks()
     assert sum(kind == "python" for kind, _ in blocks) >= 1 and sum(kind == "bash" for kind, _ in blocks) >= 4
-    server = Server(readme_workspace, 8000, server_env).start()
+    server = Server(readme_workspace, free_port(), server_env).start()
     try:
         for kind, code in blocks:
+            code = on_port(code, server.port)
             if kind == "python":
                 printed = io.StringIO()
                 with contextlib.redirect_stdout(printed), contextlib.chdir(readme_workspace):

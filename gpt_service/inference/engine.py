@@ -184,12 +184,14 @@ class BatchEngine:
     """Serves generation requests for one (PEFT-wrapped or plain) causal LM."""
 
     def __init__(self, model_ref: Callable[[], Any], tokenizer: Any, eos_ids: set[int], *,
-                 max_batch_size: int = 64, max_waiting: int = 256, name: str = "engine") -> None:
+                 max_batch_size: int = 64, max_waiting: int = 256, name: str = "engine",
+                 fast_paths: bool = True) -> None:
         self.model_ref = model_ref  # the registry may wrap the base in a PeftModel later
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
+        self.fast_paths = fast_paths
         self.model_lock = threading.RLock()  # held for each step; adapters change only between steps
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._wake = threading.Condition()
@@ -297,6 +299,8 @@ class BatchEngine:
         """The fast decode step for the model as it is now (adapters come and go between steps)."""
         model = self.model_ref()
         key = (model, tuple(getattr(model, "peft_config", {})))
+        if not self.fast_paths:
+            return None
         if self._fast_key is None or self._fast_key[0] is not model or self._fast_key[1:] != key[1:]:
             self._fast, self._fast_key = _FastDecoder.for_model(model, self._fast), key
         return self._fast
@@ -537,7 +541,7 @@ class _FastDecoder:
     free memory.
     """
 
-    ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+    ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
     ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
     MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -574,47 +578,59 @@ class _FastDecoder:
 
     @classmethod
     def for_model(cls, model: Any, previous: _FastDecoder | None = None) -> _FastDecoder | None:
-        """The fast step for this model, or None where the model's own forward must run."""
-        try:
-            from peft.tuners.lora.layer import Linear as LoraLinear
-            from peft.tuners.tuners_utils import BaseTunerLayer
-            from peft.utils.other import AuxiliaryTrainingWrapper
-        except ImportError:  # pragma: no cover - peft is a dependency
+        """The fast step for this model, or None (with a debug line saying why) where its own forward must run."""
+        reason = cls.unsupported(model)
+        if reason is not None:
+            log.debug("fast decode step steps aside: %s", reason)
             return None
+        return cls(model, previous)
+
+    @classmethod
+    def unsupported(cls, model: Any) -> str | None:
+        """Why the fast step cannot run this model, or None when it can."""
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
         lm = model.get_base_model() if hasattr(model, "peft_config") else model
-        if type(lm).__name__ not in cls.ARCHITECTURES or lm.training:
-            return None
-        if any(kind != "full_attention" for kind in getattr(lm.config, "layer_types", None) or ()):
-            return None
+        if type(lm).__name__ not in cls.ARCHITECTURES:
+            return f"{type(lm).__name__} is not one of {', '.join(cls.ARCHITECTURES)}"
+        if lm.training:
+            return "the model is in training mode"
+        layer_types = getattr(lm.config, "layer_types", None)
+        window = getattr(lm.config, "sliding_window", None)
+        if any(kind != "full_attention" for kind in layer_types or ()) or (
+                layer_types is None and window is not None and window < lm.config.max_position_embeddings):
+            return "layers other than full attention (sliding windows)"
         inner = getattr(lm, "model", None)
         if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "rotary_emb", "norm", "layers")):
-            return None
+            return "no embed_tokens, rotary_emb, norm and layers"
         allowed = set()
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             if not all(hasattr(attn, a) for a in (*cls.ATTENTION, "scaling", "head_dim")) or not all(
                     hasattr(mlp, a) for a in (*cls.MLP, "act_fn")):
-                return None
+                return "attention or MLP modules of another layout"
             for module in [getattr(attn, n) for n in cls.ATTENTION] + [getattr(mlp, n) for n in cls.MLP]:
                 if isinstance(module, BaseTunerLayer):
                     if type(module) is not LoraLinear or module.merged or module.disable_adapters:
-                        return None
+                        return f"{type(module).__name__} adapter layer (merged, disabled or not LoRA)"
                     if getattr(module, "fan_in_fan_out", False) or getattr(module, "lora_variant", None) or any(
                             getattr(module, "use_dora", {}).values()) or any(
                             getattr(module, "lora_bias", {}).values()) or getattr(module, "lora_embedding_A", None):
-                        return None
+                        return "a LoRA variant (DoRA, LoRA bias, fan-in-fan-out)"
                     if not isinstance(module.base_layer, torch.nn.Linear):
-                        return None
+                        return f"a LoRA layer over {type(module.base_layer).__name__}"
                     allowed.add(id(module))
                 elif not isinstance(module, torch.nn.Linear):
-                    return None
+                    return f"a projection of type {type(module).__name__}"
         for module in lm.modules():
             if isinstance(module, AuxiliaryTrainingWrapper) or (
                     isinstance(module, BaseTunerLayer) and id(module) not in allowed):
-                return None
+                return "adapters on modules other than the attention and MLP projections"
         if not isinstance(lm.lm_head, torch.nn.Linear):
-            return None
-        return cls(model, previous)
+            return f"an output head of type {type(lm.lm_head).__name__}"
+        return None
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache,
              adapters: list[str]) -> torch.Tensor:

@@ -103,8 +103,8 @@ def context_length(model: Any, tokenizer: Any) -> int:
 
 
 class ModelRegistry:
-    def __init__(self, max_batch_size: int = 64, max_waiting: int = 256) -> None:
-        self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
+    def __init__(self, max_batch_size: int = 64, max_waiting: int = 256, fast_paths: bool = True) -> None:
+        self.max_batch_size, self.max_waiting, self.fast_paths = max_batch_size, max_waiting, fast_paths
         self._bases: dict[tuple[str, torch.dtype], BaseModel] = {}
         self._names: dict[str, ServedModel] = {}
         self._lock = threading.RLock()  # loads and unloads one at a time
@@ -172,7 +172,8 @@ class ModelRegistry:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         base = BaseModel(model_path, dtype, model, tokenizer, weight_bytes)
         base.engine = BatchEngine(lambda: base.model, tokenizer, eos_ids, max_batch_size=self.max_batch_size,
-                                  max_waiting=self.max_waiting, name=Path(model_path).name)
+                                  max_waiting=self.max_waiting, name=Path(model_path).name,
+                                  fast_paths=self.fast_paths)
         self._bases[(_identity(model_path), dtype)] = base
         return base
 

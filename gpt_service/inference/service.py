@@ -23,7 +23,7 @@ DISCONNECT_POLL_SECONDS = 0.25
 
 class InferenceService:
     def __init__(self, settings: ServiceSettings) -> None:
-        self.registry = ModelRegistry(settings.max_batch_size, settings.max_waiting_requests)
+        self.registry = ModelRegistry(settings.max_batch_size, settings.max_waiting_requests, settings.fast_paths)
         self.default_dtype = settings.serve_dtype
         self.generated_tokens: Counter[str] = Counter()  # per model name, for /metrics
 

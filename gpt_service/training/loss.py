@@ -15,7 +15,9 @@ step takes about half the time of `cross_entropy(lm_head(hidden).float())`.
 
 from __future__ import annotations
 
+import logging
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -38,11 +40,37 @@ _ROW_MULTIPLE = 32
 # A target probability below this is recomputed exactly instead of read from the low-precision softmax.
 _TINY_PROBABILITY = 1e-30
 
+log = logging.getLogger(__name__)
+_plain_heads: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
-def _head_applies_plainly(model: Any) -> bool:
-    """False for models whose logits are more than `lm_head(hidden)` (soft-capping, scaling)."""
-    config = model.config
-    return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
+
+@torch.no_grad()
+def _head_applies_plainly(model: Any, model_input: dict[str, torch.Tensor]) -> bool:
+    """Whether the model's logits are its head applied to its decoder's output, and nothing more.
+
+    Some families scale or soft-cap the logits (Gemma 2's `final_logit_softcapping`, Granite's
+    `logits_scaling`, Cohere's `logit_scale`), or do more between decoder and head; rather than
+    know each, this is checked once per model, on the first two positions of a real batch.
+    """
+    known = _plain_heads.get(model)
+    if known is not None:
+        return known
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    plain = decoder is not model and head is not None
+    if plain:
+        sample = {k: v[:1, :2] for k, v in model_input.items()}
+        was_training = model.training
+        model.eval()
+        try:
+            expected = model(**sample).logits.float()
+            got = head(decoder(**sample).last_hidden_state).float()
+        finally:
+            model.train(was_training)
+        plain = torch.equal(got, expected)  # the same products in the same order: equal to the bit
+    if not plain:
+        log.debug("fused head loss steps aside for %s: its logits are not lm_head(decoder(x))", type(model).__name__)
+    _plain_heads[model] = plain
+    return plain
 
 
 def exact_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -107,33 +135,34 @@ def _fusable_head(head: Any) -> bool:
     return type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
 
 
-def head_cross_entropy(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def head_cross_entropy(head: Any, hidden: torch.Tensor, targets: torch.Tensor, fast: bool = True) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` against `targets`; fused for a frozen linear head."""
-    if _fusable_head(head) and hidden.shape[0] > 0:
+    if fast and _fusable_head(head) and hidden.shape[0] > 0:
         return _FusedHeadCrossEntropy.apply(hidden, head.weight, targets)
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def labelled_outputs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+def labelled_outputs(model: Any, batch: dict[str, torch.Tensor],
+                     fast: bool = True) -> tuple[torch.Tensor, Any, torch.Tensor]:
     """(rows, head, targets) at the labelled positions of a collated batch.
 
     `rows` are the final hidden states and `head` the output layer to apply to them, or, for a
-    model whose logits are more than `head(hidden)`, the logits themselves and `head` None.
+    model whose logits are more than `head(hidden)` (or with `fast` off), the logits themselves
+    and `head` None.
     """
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder()
-    if _head_applies_plainly(base) and decoder is not base:
-        hidden = decoder(**inputs).last_hidden_state
+    if fast and _head_applies_plainly(base, inputs):
+        hidden = base.get_decoder()(**inputs).last_hidden_state
         return hidden[:, :-1][mask], base.get_output_embeddings(), targets[mask]
     return model(**inputs).logits[:, :-1][mask], None, targets[mask]
 
 
-def summed_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def summed_token_loss(model: Any, batch: dict[str, torch.Tensor], fast: bool = True) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropies over labelled positions, number of those positions)."""
-    rows, head, targets = labelled_outputs(model, batch)
+    rows, head, targets = labelled_outputs(model, batch, fast)
     if head is not None:
-        return head_cross_entropy(head, rows, targets), len(targets)
+        return head_cross_entropy(head, rows, targets, fast), len(targets)
     return F.cross_entropy(rows.float(), targets, reduction="sum"), len(targets)

@@ -111,7 +111,8 @@ class _Run:
         with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; not ours to fix
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             self.model = get_peft_model(base, _lora_config(config))
-        speed_up(self.model, self.precision)
+        if config.fast_paths:
+            speed_up(self.model, self.precision)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         for param in trainable:  # LoRA weights train in fp32 whatever the base dtype
             param.data = param.data.float()
@@ -152,7 +153,8 @@ class _Run:
         lengths = [len(e) for e in self.data.eval]
         for batch in sequential_batches(lengths, self.config.batch_size):
             with self._autocast():
-                loss, n = summed_token_loss(self.model, self._to_device(self.data.eval, batch))
+                loss, n = summed_token_loss(self.model, self._to_device(self.data.eval, batch),
+                                            self.config.fast_paths)
             total, count = total + float(loss), count + n
         self.model.train()
         return total / max(count, 1)
@@ -220,7 +222,7 @@ class _Run:
                         return False
                     tensors = self._to_device(self.data.train, batch)
                     with self._autocast():
-                        loss, _ = summed_token_loss(self.model, tensors)
+                        loss, _ = summed_token_loss(self.model, tensors, config.fast_paths)
                     scaled = loss / n_labels
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                     loss_sum += float(loss.detach())

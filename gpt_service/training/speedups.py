@@ -219,6 +219,8 @@ def speed_up(model: Any, precision: Precision) -> None:
             continue
         if type(module) is LoraLinear:
             module.forward = types.MethodType(_lean_lora_forward, module)
+        else:
+            log.debug("lean LoRA branch steps aside for %s: a %s", name, type(module).__name__)
         if precision.autocast_dtype is not None:
             # PEFT casts each LoRA input to the (fp32) LoRA weights' dtype, and autocast casts it
             # straight back for the matmul: two copies of every activation, for nothing.
@@ -231,12 +233,17 @@ def speed_up(model: Any, precision: Precision) -> None:
                     if key not in shared_dropouts:
                         shared_dropouts[key] = LoraDropout(dropout.p)
                     module.lora_dropout[adapter] = shared_dropouts[key]
+    if precision.device.type != "cpu":
+        log.debug("shared LoRA dropout steps aside: %s's own dropout kernel is fused", precision.device.type)
     base = model.get_base_model()
-    if precision.device.type == "cpu" and base.config._attn_implementation == "sdpa":
-        try:
-            base.set_attn_implementation(CPU_ATTENTION)
-        except (ValueError, NotImplementedError) as exc:  # a model without the attention interface
-            log.debug("keeping sdpa attention: %s", exc)
+    attention = base.config._attn_implementation
+    if precision.device.type != "cpu" or attention != "sdpa":
+        log.debug("CPU attention steps aside: %s attention on %s", attention, precision.device.type)
+        return
+    try:
+        base.set_attn_implementation(CPU_ATTENTION)
+    except (ValueError, NotImplementedError) as exc:  # a model without the attention interface
+        log.debug("CPU attention steps aside, keeping sdpa: %s", exc)
 
 
 def clear_caches() -> None:

@@ -8,21 +8,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Server
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 UNLOAD_ROUTES = r"^/models/(unload|\{model_name\})$"
 CHECKS = "not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance"
-
-
-def served_count(server: Server, route: str, status: int) -> float:
-    """How many POSTs to `route` the server answered with `status`, by its own Prometheus counter."""
-    metrics = text_string_to_metric_families(requests.get(f"{server.url}/metrics", timeout=10).text)
-    wanted = {"route": route, "method": "POST", "status": str(status)}
-    return sum(sample.value for family in metrics if family.name == "gpt_service_http_requests"
-               for sample in family.samples if sample.name.endswith("_total") and sample.labels == wanted)
 
 
 def test_document_shapes(server: Server) -> None:
@@ -57,4 +48,5 @@ def test_schemathesis_finds_nothing(server: Server) -> None:
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
         assert "Tested: " in run.stdout, run.stdout[-2000:]
     for route in ("/generate", "/v1/completions", "/v1/chat/completions"):
-        assert served_count(server, route, 200) > 0, f"no generated {route} request reached the model"
+        answered = server.metric("gpt_service_http_requests", route=route, method="POST", status="200")
+        assert answered > 0, f"no generated {route} request reached the model"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -245,8 +246,9 @@ def start_a_running_generation(server: Server, model: str) -> tuple[threading.Th
             generate(server, model, "x", max_tokens=1500, temperature=1.0, seed=seed)))
         worker.start()
         while worker.is_alive():
-            if any(m["running"] for m in requests.get(f"{server.url}/models", timeout=10).json()["models"]):
+            if running(server):
                 return worker, result
+            time.sleep(0.02)
         worker.join()
     raise AssertionError(f"every sampled generation of {model} ended before it was seen running")
 
@@ -255,17 +257,23 @@ def generate_status(server: Server, model: str) -> int:
     return requests.post(f"{server.url}/generate", json={"prompt": "x", "model_name": model}, timeout=30).status_code
 
 
+def running(server: Server) -> int:
+    return sum(m["running"] for m in requests.get(f"{server.url}/models", timeout=10).json()["models"])
+
+
 def test_a_client_that_disconnects_leaves_the_batch(srv: Server) -> None:
+    finished_tokens = srv.metric("gpt_service_generated_tokens", model="base")
     with requests.post(f"{srv.url}/generate", json={"prompt": "x", "model_name": "base", "max_tokens": 1900,
-                                                     "temperature": 1, "stream": True}, stream=True,
+                                                     "temperature": 1, "seed": 5, "stream": True}, stream=True,
                        timeout=60) as response:
-        lines = response.iter_lines()
-        next(lines)
-    for _ in range(200):
-        if not any(m["running"] for m in requests.get(f"{srv.url}/models", timeout=10).json()["models"]):
-            return
-        threading.Event().wait(0.05)
-    raise AssertionError("the abandoned request is still generating")
+        next(response.iter_lines())
+        assert running(srv) == 1  # generating when the client goes
+    deadline = time.monotonic() + 10
+    while running(srv):
+        assert time.monotonic() < deadline, "the abandoned request is still generating"
+        time.sleep(0.05)
+    # a request that ran to its end would have counted its tokens; a dropped one counts none
+    assert srv.metric("gpt_service_generated_tokens", model="base") == finished_tokens
 
 
 def test_a_full_queue_answers_429_with_retry_after(served_workspace: dict, server_env: dict[str, str]) -> None:

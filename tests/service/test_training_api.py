@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import time
 from pathlib import Path
 
@@ -15,55 +16,28 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import Server, free_port
+from tests.conftest import REPO, Server, free_port, on_port
 
-# The guide's client code, verbatim (training_guide.zh.md, "使用API", "查询训练状态", "查看训练历史").
-SPEC_SUBMIT = '''
-import requests
-
-response = requests.post(
-    "http://localhost:8000/train",
-    json={
-        "base_model": "Qwen/Qwen2-7B-Instruct",
-        "dataset_path": "data/train.json",
-        "output_dir": "models/checkpoints/my_task",
-        "num_epochs": 3,
-        "batch_size": 4,
-        "learning_rate": 2e-4,
-        "dataset_format": "json"
-    }
-)
-
-task_id = response.json()["task_id"]
-print(f"训练任务ID: {task_id}")
-'''
-SPEC_POLL = '''
-import requests
-import time
-
-while True:
-    response = requests.get(f"http://localhost:8000/train/status/{task_id}")
-    status = response.json()
-    
-    print(f"状态: {status['status']}, 进度: {status['progress']:.2f}%")
-    
-    if status["status"] in ["completed", "failed"]:
-        break
-    
-    time.sleep(10)
-'''
-SPEC_HISTORY = '''
-response = requests.get("http://localhost:8000/train/history")
-tasks = response.json()["tasks"]
-for task in tasks:
-    print(f"{task['task_id']}: {task['status']} - {task['progress']:.2f}%")
-'''
+GUIDE = REPO / "docs" / "training_guide.zh.md"
 
 
-def run_snippet(code: str, namespace: dict) -> str:
+def guide_block(marker: str) -> str:
+    """The guide's Python block that contains `marker`, as the guide has it."""
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(encoding="utf-8"), re.DOTALL)
+    return next(block for block in blocks if marker in block)
+
+
+# The guide's client code ("使用API", "查询训练状态", "查看训练历史"), read from the guide itself; the status
+# block's placeholder id gives way to the id the first block printed.
+SPEC_SUBMIT = guide_block('"http://localhost:8000/train",')
+SPEC_POLL = guide_block("while True:").replace('task_id = "your-task-id"\n', "")
+SPEC_HISTORY = guide_block("/train/history")
+
+
+def run_snippet(code: str, namespace: dict, port: int) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(code, namespace)
+        exec(on_port(code, port), namespace)
     return out.getvalue()
 
 
@@ -73,15 +47,15 @@ def submit(server: Server, **body) -> requests.Response:
 
 
 def test_the_guides_client_code_runs_unchanged(workspace: Path, server_env: dict[str, str]) -> None:
-    server = Server(workspace, 8000, server_env).start()
+    server = Server(workspace, free_port(), server_env).start()
     try:
         namespace: dict = {}
-        printed = run_snippet(SPEC_SUBMIT, namespace)
+        printed = run_snippet(SPEC_SUBMIT, namespace, server.port)
         task_id = namespace["task_id"]
         assert printed == f"训练任务ID: {task_id}\n"
-        printed = run_snippet(SPEC_POLL, namespace)
+        printed = run_snippet(SPEC_POLL, namespace, server.port)
         assert printed.splitlines()[-1] == "状态: completed, 进度: 100.00%"
-        printed = run_snippet(SPEC_HISTORY, namespace)
+        printed = run_snippet(SPEC_HISTORY, namespace, server.port)
         assert f"{task_id}: completed - 100.00%" in printed
     finally:
         server.stop()
