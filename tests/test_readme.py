@@ -19,6 +19,8 @@ import pytest
 from gpt_service.demo_model import build_demo_model
 from tests.conftest import REPO, Server, free_port, on_port
 
+pytestmark = pytest.mark.slow  # end-to-end: real servers, scripts and trainings
+
 BLOCK = re.compile(r"```(python|bash)\n(.*?)```", re.DOTALL)
 
 

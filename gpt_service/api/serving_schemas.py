@@ -94,3 +94,18 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(OpenAIFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateAnswer(BaseModel):
+    """The answer of /generate without `stream`."""
+
+    text: str = Field(..., description="The generated text (stop strings and the end token left out).")
+    model_name: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage

@@ -15,6 +15,8 @@ import requests
 from tests.cli.conftest import KEY, clean_env, gpt_service
 from tests.conftest import Server, free_port, qa_prompt
 
+pytestmark = pytest.mark.slow  # end-to-end: real servers, scripts and trainings
+
 TRAIN = ("train", "--base_model", "models/tiny", "--dataset_path", "data/train.json")
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -13,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gpt_service.config import build_train_config
 from gpt_service.training import run_lora_finetune
 from tests.conftest import write_json
+
+pytestmark = pytest.mark.slow  # end-to-end: real servers, scripts and trainings
 
 
 def export(*args: str) -> subprocess.CompletedProcess:

@@ -17,7 +17,8 @@ import requests
 from tests.conftest import Server, free_port, make_workspace, qa_prompt
 from tests.console.browser import missing, start_browser
 
-pytestmark = pytest.mark.skipif(missing() is not None, reason=f"no browser: {missing()}")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(missing() is not None, reason=f"no browser: {missing()}")]
 
 KEY = "console-s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -11,6 +11,8 @@ import requests
 from tests.conftest import QA_PAIRS, Server
 from tests.evaluation.conftest import TASK_THRESHOLD
 
+pytestmark = pytest.mark.slow  # end-to-end: real servers, scripts and trainings
+
 
 def evaluate(server: Server, **body: object) -> requests.Response:
     return requests.post(f"{server.url}/evaluate", json=body, timeout=300)

@@ -25,6 +25,8 @@ from safetensors.torch import load_file
 from gpt_service.training.checkpoints import list_checkpoints, publish_atomically
 from tests.conftest import Server, free_port
 
+pytestmark = pytest.mark.slow  # end-to-end: real servers, scripts and trainings
+
 INJECT = Path(__file__).parent / "inject"
 LONG_RUN = {"base_model": "models/tiny", "dataset_path": "data/train.json", "num_epochs": 50, "save_steps": 5,
             "batch_size": 4}

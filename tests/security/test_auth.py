@@ -12,6 +12,8 @@ import requests
 
 from tests.conftest import Server, free_port
 
+pytestmark = pytest.mark.slow  # end-to-end: real servers, scripts and trainings
+
 KEY = "s3cret-key"
 
 

@@ -12,6 +12,8 @@ import requests
 
 from tests.conftest import Server, free_port
 
+pytestmark = pytest.mark.slow  # end-to-end: real servers, scripts and trainings
+
 
 def rss_bytes(pid: int) -> int:
     line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS"))

@@ -7,11 +7,14 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
 import requests
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import Server
+
+pytestmark = pytest.mark.slow  # end-to-end: real servers, scripts and trainings
 
 MARKER = Path("/tmp/gpt-service-remote-code-ran")
 

@@ -10,6 +10,8 @@ import requests
 
 from tests.conftest import Server
 
+pytestmark = pytest.mark.slow  # end-to-end: real servers, scripts and trainings
+
 OUTSIDE = [
     ("/etc/passwd", 403),
     ("../outside.json", 403),

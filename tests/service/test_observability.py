@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Server, free_port
+
+pytestmark = pytest.mark.slow  # end-to-end: real servers, scripts and trainings
 
 
 def samples(server: Server) -> dict[tuple[str, tuple], float]:

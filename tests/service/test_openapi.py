@@ -11,6 +11,8 @@ import requests
 
 from tests.conftest import Server
 
+pytestmark = pytest.mark.slow  # end-to-end: real servers, scripts and trainings
+
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 UNLOAD_ROUTES = r"^/models/(unload|\{model_name\})$"
 CHECKS = "not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance"
@@ -30,7 +32,6 @@ def test_document_shapes(server: Server) -> None:
     assert isinstance(body["detail"], str) and body["errors"][0]["loc"] == ["body", "base_model"]
 
 
-@pytest.mark.slow
 def test_schemathesis_finds_nothing(server: Server) -> None:
     """Every operation, a bounded number of generated requests each, with a model loaded under the
     documents' example name so the generation routes answer 200 (plain and streamed) as well as errors."""

@@ -30,6 +30,8 @@ from tests.conftest import (
     write_jsonl,
 )
 
+pytestmark = pytest.mark.slow  # end-to-end: real servers, scripts and trainings
+
 OTHER_ANSWERS = [(q, f"答案{i}：{a[::-1]}") for i, (q, a) in enumerate(QA_PAIRS)]
 CHAT_PAIRS = [("hi", "Hello from the chat adapter."), ("name?", "I am GPT Service."),
               ("color?", "Blue, like the sky."), ("bye", "See you soon!")]

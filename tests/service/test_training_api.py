@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import REPO, Server, free_port, on_port
 
+pytestmark = pytest.mark.slow  # end-to-end: real servers, scripts and trainings
+
 GUIDE = REPO / "docs" / "training_guide.zh.md"
 
 

@@ -22,6 +22,7 @@ def greedy(model, tokenizer, prompt: str) -> str:
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_adapter_reproduces_eight_answers_word_for_word(tiny_model: Path, tmp_path: Path, qa_records) -> None:
     dataset = write_jsonl(tmp_path / "qa.jsonl", qa_records)
     config = build_train_config({
@@ -53,6 +54,7 @@ def _resume_config(tiny_model: Path, dataset: Path, out: Path, **extra) -> objec
     })
 
 
+@pytest.mark.slow
 def test_resume_ends_at_the_uninterrupted_weights(tiny_model: Path, tmp_path: Path, text_records) -> None:
     dataset = write_json(tmp_path / "train.json", text_records * 2)
     straight = run_lora_finetune(_resume_config(tiny_model, dataset, tmp_path / "straight"))

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import REPO, qa_prompt, write_json, write_jsonl
 
+pytestmark = pytest.mark.slow  # end-to-end: real servers, scripts and trainings
+
 SCRIPT = REPO / "scripts" / "train_lora.py"
 
 

@@ -14,6 +14,8 @@ import pytest
 from gpt_service.training.command import main
 from tests.conftest import REPO, write_json
 
+pytestmark = pytest.mark.slow  # end-to-end: real servers, scripts and trainings
+
 SCRIPT = REPO / "scripts" / "train_lora.py"
 
 

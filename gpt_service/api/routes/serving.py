@@ -11,7 +11,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from gpt_service.api.responses import STREAMED, errors
-from gpt_service.api.serving_schemas import MAX_STOP, GenerateRequest, LoadRequest, SamplingFields, UnloadRequest
+from gpt_service.api.serving_schemas import (
+    MAX_STOP,
+    GenerateAnswer,
+    GenerateRequest,
+    LoadRequest,
+    SamplingFields,
+    UnloadRequest,
+)
 from gpt_service.errors import UserError
 from gpt_service.settings import ServiceSettings
 from gpt_service.tasks.submission import adapter_folder, model_location
@@ -87,7 +94,8 @@ def unload_model(body: UnloadRequest, request: Request) -> dict[str, Any]:
     return delete_model(body.model_name, request)
 
 
-@router.post("/generate", response_model=None, responses=STREAMED | errors(400, 404, 413, 422, 429))
+@router.post("/generate", response_model=None,
+             responses={200: {**STREAMED[200], "model": GenerateAnswer}, **errors(400, 404, 413, 422, 429)})
 async def generate(body: GenerateRequest, request: Request) -> dict[str, Any] | StreamingResponse:
     settings: ServiceSettings = request.app.state.settings
     check_prompt_size(body.prompt, settings)
