@@ -259,21 +259,33 @@ def generate_status(server: Server, model: str) -> int:
     return requests.post(f"{server.url}/generate", json={"prompt": "x", "model_name": model}, timeout=30).status_code
 
 
-def running(server: Server) -> int:
-    return sum(m["running"] for m in requests.get(f"{server.url}/models", timeout=10).json()["models"])
+def running(server: Server, model: str | None = None) -> int:
+    return sum(m["running"] for m in requests.get(f"{server.url}/models", timeout=10).json()["models"]
+               if model in (None, m["model_name"]))
+
+
+def wait_until_idle(server: Server, model: str, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while running(server, model):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
 
 
 def test_a_client_that_disconnects_leaves_the_batch(srv: Server) -> None:
-    finished_tokens = srv.metric("gpt_service_generated_tokens", model="base")
-    with requests.post(f"{srv.url}/generate", json={"prompt": "x", "model_name": "base", "max_tokens": 1900,
-                                                     "temperature": 1, "seed": 5, "stream": True}, stream=True,
-                       timeout=60) as response:
-        next(response.iter_lines())
-        assert running(srv) == 1  # generating when the client goes
-    deadline = time.monotonic() + 10
-    while running(srv):
-        assert time.monotonic() < deadline, "the abandoned request is still generating"
-        time.sleep(0.05)
+    wait_until_idle(srv, "base", "earlier requests for base still generating")
+    for seed in range(20):  # a seed whose sampled text does not end at once
+        finished_tokens = srv.metric("gpt_service_generated_tokens", model="base")
+        with requests.post(f"{srv.url}/generate", json={"prompt": "x", "model_name": "base", "max_tokens": 1900,
+                                                         "temperature": 1, "seed": seed, "stream": True},
+                           stream=True, timeout=60) as response:
+            first = json.loads(next(line for line in response.iter_lines() if line).removeprefix(b"data: "))
+            if "finish_reason" in first:
+                continue
+            assert running(srv, "base") == 1  # generating when the client goes
+        break
+    else:
+        raise AssertionError("every sampled text ended at once")
+    wait_until_idle(srv, "base", "the abandoned request is still generating")
     # a request that ran to its end would have counted its tokens; a dropped one counts none
     assert srv.metric("gpt_service_generated_tokens", model="base") == finished_tokens
 
