@@ -37,6 +37,10 @@ def test_every_route_but_health_needs_the_key(guarded: Server) -> None:
             else:
                 assert response.status_code == 401, (method, path, headers)
                 assert response.headers["www-authenticate"] == "Bearer"
+    # and the document says so, with the body the 401 has
+    documented = {(method, path) for path, methods in spec["paths"].items() for method, operation in methods.items()
+                  if "401" in operation["responses"]}
+    assert documented == {(m, p) for p, methods in spec["paths"].items() for m in methods} - {("get", "/health")}
 
 
 def test_a_refused_call_does_nothing_and_the_right_key_works(guarded: Server) -> None:
