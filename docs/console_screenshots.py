@@ -25,9 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gpt_service.demo_model import build_demo_model  # noqa: E402
-from tests.conftest import QA_PAIRS, qa_prompt  # noqa: E402
+from tests.conftest import QA_PAIRS, free_port, qa_prompt  # noqa: E402
 from tests.console.browser import start_browser  # noqa: E402
-from tests.service.conftest import free_port  # noqa: E402
 
 KEY = "docs-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
