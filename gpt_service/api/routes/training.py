@@ -10,8 +10,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 
 from gpt_service.api.schemas import TrainAccepted, TrainRequest, task_view
+from gpt_service.config import TrainConfig
 from gpt_service.paths import confine
 from gpt_service.settings import ServiceSettings
+from gpt_service.tasks.placement import PLACEMENT_KEYS, TaskNeeds
 from gpt_service.tasks.store import ACTIVE, STATUSES, Task, TaskStore
 from gpt_service.tasks.submission import ConflictError, NotFoundError, prepare_training
 
@@ -41,12 +43,15 @@ def existing_task(task_id: str, store: TaskStore) -> Task:
 @router.post("/train", response_model=TrainAccepted)
 def submit_training(body: TrainRequest, store: Store, settings: Settings) -> dict[str, Any]:  # type: ignore[valid-type]
     task_id = store.new_id()
-    config = prepare_training(body.model_dump(exclude_none=True), settings, task_id)  # type: ignore[attr-defined]
+    fields = body.model_dump(exclude_none=True)  # type: ignore[attr-defined]
+    needs = TaskNeeds.model_validate(fields)
+    training = {k: v for k, v in fields.items() if k not in PLACEMENT_KEYS or k in TrainConfig.model_fields}
+    config = prepare_training(training, settings, task_id)  # type: ignore[attr-defined]
     with _submit_lock:
         owner = store.active_output_dir_owner(str(config.output_dir))
         if owner:
             raise ConflictError(f"output_dir {config.output_dir} is in use by task {owner}; wait for it or cancel it")
-        store.create(task_id, config.model_dump(mode="json"), config.output_dir)
+        store.create(task_id, config.model_dump(mode="json"), config.output_dir, needs=needs.columns())
     return {"task_id": task_id, "status": "pending", "output_dir": config.output_dir}
 
 
