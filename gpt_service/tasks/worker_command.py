@@ -47,7 +47,7 @@ def settings_from(args: argparse.Namespace, **more: Any) -> ServiceSettings:
 def worker_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from gpt_service.api.observability import logging_config
+    from gpt_service.logs import logging_config
     from gpt_service.tasks.store import TaskStore
     from gpt_service.tasks.worker import Worker
 
