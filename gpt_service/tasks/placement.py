@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import ColumnElement, or_
 
+from gpt_service.config import ConfigError, describe_validation_error
 from gpt_service.tasks.schema import Task
 
 PLACEMENT_KEYS = ("device", "num_processes", "min_memory_gb")
@@ -33,6 +34,14 @@ class TaskNeeds(BaseModel):
     device: Literal["cpu", "cuda"] | None = Field(None, description="Run only on a worker with this device kind.")
     num_processes: int = Field(1, ge=1, le=1024, description="Devices (processes) the task needs on one worker.")
     min_memory_gb: float | None = Field(None, gt=0, description="Memory per device the task needs, in GB.")
+
+    @classmethod
+    def from_request(cls, fields: dict[str, Any]) -> TaskNeeds:
+        """The needs in a request's fields; out-of-range values are a ConfigError (a 400) naming the field."""
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc)) from exc
 
     def columns(self) -> dict[str, Any]:
         memory = None if self.min_memory_gb is None else int(self.min_memory_gb * 1024)

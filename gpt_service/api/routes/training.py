@@ -44,7 +44,7 @@ def existing_task(task_id: str, store: TaskStore) -> Task:
 def submit_training(body: TrainRequest, store: Store, settings: Settings) -> dict[str, Any]:  # type: ignore[valid-type]
     task_id = store.new_id()
     fields = body.model_dump(exclude_none=True)  # type: ignore[attr-defined]
-    needs = TaskNeeds.model_validate(fields)
+    needs = TaskNeeds.from_request(fields)
     training = {k: v for k, v in fields.items() if k not in PLACEMENT_KEYS or k in TrainConfig.model_fields}
     config = prepare_training(training, settings, task_id)  # type: ignore[attr-defined]
     with _submit_lock:
