@@ -11,6 +11,11 @@
 - **Reclaim.** Any worker sends tasks whose lease expired back to `pending` (to resume from their
   newest checkpoint), or fails them after `max_reclaims`.
 
+Files are fenced by time rather than by token: a run polls its lease (`lease_state`) and exits,
+writing nothing more, once the lease would end within a margin (a quarter of it) unrenewed, so it
+has stopped before the lease expires and anyone can reclaim the task; checkpoints and adapters are
+published atomically, so what it leaves is whole. Its worker, if it wakes, kills it too.
+
 SQLite and PostgreSQL differ in two places only, side by side below: the clock (PostgreSQL's, since
 its workers may run on several hosts; on SQLite, which is one host, that host's) and the row locks
 (PostgreSQL claims with `FOR UPDATE SKIP LOCKED`, so claimers never wait on each other; SQLite
