@@ -40,8 +40,8 @@ class ServiceSettings(BaseSettings):
     lease_renew_seconds: float = Field(10.0, gt=0, description="How often a worker renews its leases.")
     max_reclaims: int = Field(3, ge=0, description="Times a task is taken again after a lost lease before it fails.")
     worker_name: str | None = Field(
-        None, max_length=128, description="This worker's name, its identity across restarts (default: the host "
-        "name); unique among the workers on one database."
+        None, max_length=128, description="This worker's name, its identity across restarts, unique among the "
+        "workers on one database (default: the host name, or host-pid when another live worker here has it)."
     )
     worker_device: str | None = Field(None, pattern="^(cpu|cuda)$", description="Device kind offered (default: found).")
     worker_device_count: int | None = Field(None, ge=1, description="Devices offered (default: found).")

@@ -22,10 +22,10 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gpt_service.settings import ServiceSettings
-from gpt_service.tasks.leases import LEASE_LOST_EXIT, Lease
+from gpt_service.tasks.leases import LEASE_LOST_EXIT, Lease, WorkerNameInUse
 from gpt_service.tasks.placement import make_offer, unseen_paths
 from gpt_service.tasks.store import Task, TaskStore
 
@@ -76,7 +76,15 @@ class Worker:
         return self._thread.is_alive()
 
     def start(self) -> None:
-        self.store.register_worker(self.offer, self.settings.lease_seconds)
+        try:
+            self.store.register_worker(self.offer, self.settings.lease_seconds)
+        except WorkerNameInUse:
+            if self.settings.worker_name:  # a name given twice is a mistake to report
+                raise
+            # The default name (the host's) is taken by another live worker here: this one goes by
+            # host-pid, and has no earlier tasks of its own to recover.
+            self.offer = replace(self.offer, name=f"{self.offer.name}-{self.offer.pid}")
+            self.store.register_worker(self.offer, self.settings.lease_seconds)
         self._interrupt_own(RESTART_NOTE)
         self._thread.start()
         log.info("worker %s takes tasks (%s x%d, %d MB each)", self.name, self.offer.device,
