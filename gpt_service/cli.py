@@ -107,10 +107,12 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from gpt_service.api import create_app
     from gpt_service.api.security import is_loopback
-    from gpt_service.tasks.worker_command import settings_from
+    from gpt_service.tasks.worker_command import checked_settings
 
-    settings = settings_from(args, host=args.host, port=args.port, api_key=args.api_key,
-                             allow_insecure_bind=args.allow_insecure_bind)
+    settings = checked_settings(args, host=args.host, port=args.port, api_key=args.api_key,
+                                allow_insecure_bind=args.allow_insecure_bind)
+    if settings is None:
+        return 2
     if not is_loopback(settings.host) and not settings.api_key and not settings.allow_insecure_bind:
         print(f"error: refusing to listen on {settings.host} without an API key; set --api-key (or "
               "GPT_SERVICE_API_KEY), or pass --allow-insecure-bind if this network is trusted", file=sys.stderr)

@@ -27,7 +27,8 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent-tasks", type=int, help="trainings run at once by this worker (default 1)")
     parser.add_argument("--allow-downloads", action="store_true", default=None, help="fetch hub ids not cached")
     parser.add_argument("--log-format", choices=["text", "json"], help="json: one JSON object a line")
-    parser.add_argument("--name", help="this worker's name, unique per database (default: the host name)")
+    parser.add_argument("--name", help="this worker's name, unique per database (default: the host name, or "
+                        "host-pid when another worker here has it)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="device kind offered (default: found)")
     parser.add_argument("--device-count", type=int, help="devices offered (default: found)")
     parser.add_argument("--memory-gb", type=float, help="memory per device offered (default: found)")
@@ -44,17 +45,24 @@ def settings_from(args: argparse.Namespace, **more: Any) -> ServiceSettings:
     )
 
 
-def worker_command(args: argparse.Namespace) -> int:
+def checked_settings(args: argparse.Namespace, **more: Any) -> ServiceSettings | None:
+    """`settings_from`, or None after printing what is wrong with them (the command then exits with 2)."""
     from pydantic import ValidationError
 
+    try:
+        return settings_from(args, **more)
+    except ValidationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def worker_command(args: argparse.Namespace) -> int:
     from gpt_service.logs import logging_config
     from gpt_service.tasks.store import TaskStore
     from gpt_service.tasks.worker import Worker
 
-    try:
-        settings = settings_from(args)
-    except ValidationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    settings = checked_settings(args)
+    if settings is None:
         return 2
     logging.config.dictConfig(logging_config(settings.log_format == "json"))
     logging.getLogger("gpt_service").setLevel(logging.INFO)

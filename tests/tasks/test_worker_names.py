@@ -36,3 +36,11 @@ def test_unnamed_workers_on_one_host_both_start_and_a_repeated_name_is_refused(t
             process.wait(timeout=30)
     assert store.workers()[0] == []  # each unregistered as it stopped
     store.close()
+
+
+@pytest.mark.parametrize("command", ["worker", "serve"])
+def test_a_renewal_not_shorter_than_the_lease_is_refused(tmp_path: Path, command: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "gpt_service.cli", command, "--workspace", str(tmp_path),
+                             "--lease-seconds", "2", "--lease-renew-seconds", "5"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "lease_renew_seconds (5.0) must be shorter than lease_seconds" in result.stderr
