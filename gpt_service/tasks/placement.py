@@ -37,7 +37,7 @@ class TaskNeeds(BaseModel):
 
     @classmethod
     def from_request(cls, fields: dict[str, Any]) -> TaskNeeds:
-        """The needs in a request's fields; out-of-range values are a ConfigError (a 400) naming the field."""
+        """The needs in a request's fields; out-of-range values are a ConfigError (a 422) naming the field."""
         try:
             return cls.model_validate(fields)
         except ValidationError as exc:
