@@ -40,6 +40,7 @@ class TrainAccepted(BaseModel):
     task_id: str
     status: str
     output_dir: str | None
+    warning: str | None = None  # e.g. no live worker can run the task now (it waits for one)
 
 
 def task_view(task: Task) -> dict[str, Any]:

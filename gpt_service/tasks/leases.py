@@ -214,6 +214,11 @@ def _is_live_process(pid: int) -> bool:
     return b"gpt_service" in command or b"gpt-service" in command
 
 
+def heartbeat_age(record: WorkerRecord, now: datetime) -> float:
+    """Seconds since the worker's last heartbeat, by the database's clock."""
+    return max((as_utc(now) - as_utc(record.heartbeat_at)).total_seconds(), 0.0)  # type: ignore[operator]
+
+
 def register(session: Session, offer: WorkerOffer, lease_seconds: float) -> None:
     """Announce `offer` under its name; refused while another live worker has that name.
 

@@ -43,6 +43,16 @@ class TaskNeeds(BaseModel):
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(exc)) from exc
 
+    def met_by(self, device: str, device_count: int, memory_mb: int) -> bool:
+        """The same test as the claim's SQL (`fits`), on one worker's offer."""
+        return ((self.device is None or self.device == device) and self.num_processes <= device_count
+                and (self.min_memory_gb is None or self.min_memory_gb * 1024 <= memory_mb))
+
+    def describe(self) -> str:
+        memory = f", {self.min_memory_gb:g} GB each" if self.min_memory_gb else ""
+        kind = f"{self.device} " if self.device else ""
+        return f"{self.num_processes} {kind}device{'s' if self.num_processes > 1 else ''}{memory}"
+
     def columns(self) -> dict[str, Any]:
         memory = None if self.min_memory_gb is None else int(self.min_memory_gb * 1024)
         return {"need_device": self.device, "need_processes": self.num_processes, "need_memory_mb": memory}

@@ -47,6 +47,7 @@ class Cluster:
         body = TRAINING | {"output_dir": f"models/{name}", "num_epochs": 40} | fields
         response = requests.post(f"{server.url}/train", json=body, timeout=30)
         assert response.status_code == 200, response.text
+        assert "warning" not in response.json()  # a live worker fits it
         return response.json()["task_id"]
 
     def status(self, task_id: str) -> dict:
@@ -103,6 +104,19 @@ def test_a_placement_out_of_range_is_refused_with_the_field_named(cluster: Clust
         assert response.status_code == 422 and words in response.text, response.text
     assert requests.get(f"{cluster.bare.url}/train/history", params={"status": "pending"}, timeout=10).json() == {
         "tasks": []}
+
+
+def test_a_task_no_live_worker_fits_is_queued_with_a_warning(cluster: Cluster) -> None:
+    response = requests.post(f"{cluster.bare.url}/train", json=TRAINING | {"device": "cuda", "num_processes": 2,
+                                                                          "output_dir": "models/on-gpus"}, timeout=10)
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["status"] == "pending" and "no live worker offers 2 cuda devices" in answer["warning"]
+    status = cluster.status(answer["task_id"])
+    assert status["status"] == "pending" and status["needs"] == {"device": "cuda", "num_processes": 2,
+                                                                 "min_memory_gb": None}
+    cancelled = requests.post(f"{cluster.bare.url}/train/{answer['task_id']}/cancel", timeout=10).json()
+    assert cancelled["status"] == "cancelled" and cluster.store.attempts(answer["task_id"]) == []
 
 
 def test_restarting_an_api_server_leaves_other_workers_running_tasks_untouched(cluster: Cluster) -> None:

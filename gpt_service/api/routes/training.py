@@ -13,6 +13,7 @@ from gpt_service.api.schemas import TrainAccepted, TrainRequest, task_view
 from gpt_service.config import TrainConfig
 from gpt_service.paths import confine
 from gpt_service.settings import ServiceSettings
+from gpt_service.tasks.leases import heartbeat_age
 from gpt_service.tasks.placement import PLACEMENT_KEYS, TaskNeeds
 from gpt_service.tasks.store import ACTIVE, STATUSES, Task, TaskStore
 from gpt_service.tasks.submission import ConflictError, NotFoundError, prepare_training
@@ -40,7 +41,17 @@ def existing_task(task_id: str, store: TaskStore) -> Task:
     return task
 
 
-@router.post("/train", response_model=TrainAccepted)
+def placement_warning(needs: TaskNeeds, store: TaskStore, lease_seconds: float) -> str | None:
+    """Why the task may wait: no live worker offers what it needs (one may join later, so it is queued)."""
+    records, _, now = store.workers()
+    if any(heartbeat_age(r, now) < lease_seconds and needs.met_by(r.device, r.device_count, r.memory_mb)
+           for r in records):
+        return None
+    return (f"no live worker offers {needs.describe()} now; the task waits until one that does takes it "
+            "(GET /workers lists the workers)")
+
+
+@router.post("/train", response_model=TrainAccepted, response_model_exclude_none=True)
 def submit_training(body: TrainRequest, store: Store, settings: Settings) -> dict[str, Any]:  # type: ignore[valid-type]
     task_id = store.new_id()
     fields = body.model_dump(exclude_none=True)  # type: ignore[attr-defined]
@@ -52,7 +63,8 @@ def submit_training(body: TrainRequest, store: Store, settings: Settings) -> dic
         if owner:
             raise ConflictError(f"output_dir {config.output_dir} is in use by task {owner}; wait for it or cancel it")
         store.create(task_id, config.model_dump(mode="json"), config.output_dir, needs=needs.columns())
-    return {"task_id": task_id, "status": "pending", "output_dir": config.output_dir}
+    return {"task_id": task_id, "status": "pending", "output_dir": config.output_dir,
+            "warning": placement_warning(needs, store, settings.lease_seconds)}  # type: ignore[attr-defined]
 
 
 @router.get("/train/status/{task_id}")

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from gpt_service.api.routes.training import Settings, Store
-from gpt_service.tasks.leases import as_utc
+from gpt_service.tasks.leases import as_utc, heartbeat_age
 
 router = APIRouter(tags=["workers"])
 
@@ -19,13 +19,13 @@ def list_workers(store: Store, settings: Settings) -> dict[str, Any]:  # type: i
     lease: float = settings.lease_seconds  # type: ignore[attr-defined]
     workers = []
     for record in records:
-        age = (as_utc(now) - as_utc(record.heartbeat_at)).total_seconds()  # type: ignore[operator]
+        age = heartbeat_age(record, now)
         workers.append({
             "name": record.name, "host": record.host, "pid": record.pid, "device": record.device,
             "device_count": record.device_count, "memory_gb": round(record.memory_mb / 1024, 2),
             "max_tasks": record.max_tasks, "started_at": as_utc(record.started_at).isoformat(),  # type: ignore[union-attr]
             "last_heartbeat_at": as_utc(record.heartbeat_at).isoformat(),  # type: ignore[union-attr]
-            "heartbeat_age_seconds": round(max(age, 0.0), 2), "alive": age < lease,
+            "heartbeat_age_seconds": round(age, 2), "alive": age < lease,
             "tasks": held.get(record.name, []),
         })
     return {"workers": workers}
