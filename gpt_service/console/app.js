@@ -453,6 +453,7 @@ async function taskView(main, ctx, taskId) {
       ["epoch", fmt(task.epoch, 2)], ["loss", fmt(task.loss)], ["eval loss", fmt(task.eval_loss)],
       ["learning rate", fmt(task.learning_rate)], ["tokens / s", fmt(task.tokens_per_second, 0)], ["ETA", eta],
       ["started", when(task.started_at)], ["finished", when(task.finished_at)], ["attempts", task.attempts],
+      ["worker", task.worker || "–"],
     ];
     replace(overview, progressBar(task),
       h("div", { className: "stats" }, stats.map(([k, v]) => h("div", { className: "stat" }, h("small", {}, k), h("b", {}, v)))),
