@@ -59,6 +59,7 @@ def test_a_killed_workers_task_is_reclaimed_and_resumed_elsewhere(postgres_url: 
         killed = next(w for w in workers if w.name == victim.leased_by)
         killed.kill()
         killed_at = time.time()
+        newest = max(int(p.name.split("-")[1]) for p in Path(victim.output_dir).glob("checkpoint-*"))  # type: ignore[arg-type]
 
         finals = [servers[i % 2].wait_for(task_id, ("completed", "failed", "cancelled"), timeout=300)
                   for i, task_id in enumerate(ids)]
@@ -92,7 +93,8 @@ def test_a_killed_workers_task_is_reclaimed_and_resumed_elsewhere(postgres_url: 
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5)
     reclaimed = as_utc(first.ended_at).timestamp() - killed_at  # type: ignore[union-attr]
     claimed = as_utc(second.claimed_at).timestamp() - killed_at  # type: ignore[union-attr]
-    print(f"\nkill -9 of worker {killed.name}: task {victim.task_id} at step {victim.step}/{victim.total_steps}, "
+    print(f"\nkill -9 of worker {killed.name}: task {victim.task_id} of {victim.total_steps} steps, newest checkpoint "
+          f"at step {newest}, "
           f"back in the queue {reclaimed:.1f} s later (lease 3 s, renewal 0.5 s), claimed by {second.worker} after "
           f"{claimed:.1f} s; "
           f"{TASKS} tasks, {sum(len(a) for a in attempts.values())} claims, duplicates at once = 0")
