@@ -7,7 +7,9 @@
                                     a client of a running service (--url, --api-key; exit codes: see
                                     gpt_service/client/__init__.py)
     gpt-service quickstart          demo model + fine-tune + base vs adapter, offline
-    gpt-service serve               start the HTTP service (127.0.0.1:8000, docs at /docs)
+    gpt-service serve               start the HTTP service (127.0.0.1:8000, docs at /docs) with its worker
+    gpt-service serve --no-worker   the HTTP service only (workers elsewhere take its tasks)
+    gpt-service worker              take tasks from the database, no HTTP (any number, on any machines)
     gpt-service export --adapter DIR --merge OUT   merge an adapter into its base model
 """
 
@@ -37,14 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--merge", required=True, metavar="OUT", help="folder to write the merged model to")
     export.add_argument("--base-model", help="the base model (default: the one the adapter names)")
     export.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
-    serve = commands.add_parser("serve", help="start the HTTP service")
+    serve = commands.add_parser("serve", help="start the HTTP service (with a worker unless --no-worker)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--workspace", help="folder holding data/, models/ and the task database (default: .)")
-    serve.add_argument("--database-url", help="SQLAlchemy URL of the task store (default: SQLite in the workspace)")
-    serve.add_argument("--max-concurrent-tasks", type=int, help="trainings run at once (default 1)")
-    serve.add_argument("--allow-downloads", action="store_true", default=None, help="fetch hub ids not cached")
-    serve.add_argument("--log-format", choices=["text", "json"], help="json: one JSON object a line")
+    serve.add_argument("--no-worker", action="store_true", help="serve the API only; `gpt-service worker` "
+                       "processes on this or other machines run the tasks")
+    worker = commands.add_parser("worker", help="take tasks from the task database and run them (no HTTP)")
+    from gpt_service.tasks.worker_command import add_worker_flags
+
+    add_worker_flags(serve)
+    add_worker_flags(worker)
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but /health "
                        "(or set GPT_SERVICE_API_KEY)")
     serve.add_argument("--allow-insecure-bind", action="store_true", default=None,
@@ -74,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return serve_command(args)
+    if args.command == "worker":
+        from gpt_service.tasks.worker_command import worker_command
+
+        return worker_command(args)
     if args.command == "export":
         return export_command(args)
     from gpt_service.quickstart import run
@@ -99,12 +107,12 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from gpt_service.api import create_app
     from gpt_service.api.security import is_loopback
-    from gpt_service.settings import load_settings
+    from gpt_service.tasks.worker_command import checked_settings
 
-    settings = load_settings(host=args.host, port=args.port, workspace=args.workspace,
-                             database_url=args.database_url, max_concurrent_tasks=args.max_concurrent_tasks,
-                             allow_downloads=args.allow_downloads, api_key=args.api_key,
-                             allow_insecure_bind=args.allow_insecure_bind, log_format=args.log_format)
+    settings = checked_settings(args, host=args.host, port=args.port, api_key=args.api_key,
+                                allow_insecure_bind=args.allow_insecure_bind)
+    if settings is None:
+        return 2
     if not is_loopback(settings.host) and not settings.api_key and not settings.allow_insecure_bind:
         print(f"error: refusing to listen on {settings.host} without an API key; set --api-key (or "
               "GPT_SERVICE_API_KEY), or pass --allow-insecure-bind if this network is trusted", file=sys.stderr)
@@ -114,7 +122,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from gpt_service.api.observability import logging_config
 
     logging.captureWarnings(True)  # library warnings become log records, JSON ones when asked
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+    uvicorn.run(create_app(settings, run_worker=not args.no_worker), host=settings.host, port=settings.port,
                 log_config=logging_config(settings.log_format == "json"))
     return 0
 

@@ -33,6 +33,19 @@ class ServiceSettings(BaseSettings):
         "a smaller one answers at once."
     )
     cancel_grace_seconds: float = Field(10.0, gt=0, description="A cancelled training gets this long to stop.")
+    lease_seconds: float = Field(
+        60.0, gt=0, description="A worker's claim on a task lasts this long unless renewed; a task whose lease "
+        "expired (its worker died or lost the database) is taken again by another worker."
+    )
+    lease_renew_seconds: float = Field(10.0, gt=0, description="How often a worker renews its leases.")
+    max_reclaims: int = Field(3, ge=0, description="Times a task is taken again after a lost lease before it fails.")
+    worker_name: str | None = Field(
+        None, max_length=128, description="This worker's name, its identity across restarts, unique among the "
+        "workers on one database (default: the host name, or host-pid when another live worker here has it)."
+    )
+    worker_device: str | None = Field(None, pattern="^(cpu|cuda)$", description="Device kind offered (default: found).")
+    worker_device_count: int | None = Field(None, ge=1, description="Devices offered (default: found).")
+    worker_memory_gb: float | None = Field(None, gt=0, description="Memory per device offered (default: found).")
     log_tail_lines: int = Field(1000, ge=10, description="Log lines kept per task.")
     serve_dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$",
                              description="Serving precision; auto = bf16 where the hardware has it.")
@@ -55,6 +68,9 @@ class ServiceSettings(BaseSettings):
         self.data_dir = (self.workspace / (self.data_dir or "data")).resolve()
         self.models_dir = (self.workspace / (self.models_dir or "models")).resolve()
         self.config_path = self.workspace / (self.config_path or "config/models.yaml")
+        if self.lease_renew_seconds >= self.lease_seconds:
+            raise ValueError(f"lease_renew_seconds ({self.lease_renew_seconds}) must be shorter than lease_seconds "
+                             f"({self.lease_seconds})")
         if not self.database_url:
             self.database_url = f"sqlite:///{self.workspace / 'gpt_service.db'}"
         return self

@@ -20,6 +20,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpt_service.demo_model import build_demo_model
+from tests.postgres import PostgresServer, missing_postgres, postgres_bin
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -194,3 +195,30 @@ def server(workspace: Path, server_env: dict[str, str]) -> Iterator[Server]:
     srv = Server(workspace, free_port(), server_env).start()
     yield srv
     srv.stop()
+
+
+# -- task databases: a real PostgreSQL server, and SQLite files ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        missing_postgres()
+    server = PostgresServer(bin_dir, free_port()).start()  # type: ignore[arg-type]
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    with postgres_server.database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same test on a SQLite file (one host) and on a PostgreSQL database (several hosts)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tasks.db'}"
+    return request.getfixturevalue("postgres_url")

@@ -12,7 +12,7 @@ from gpt_service import __version__
 from gpt_service.api.errors import install_error_handlers
 from gpt_service.api.observability import install_metrics
 from gpt_service.api.responses import install_openapi
-from gpt_service.api.routes import console, evaluation, openai_compat, serving, training
+from gpt_service.api.routes import console, evaluation, openai_compat, serving, training, workers
 from gpt_service.api.security import ApiKeyMiddleware, BodyLimitMiddleware
 from gpt_service.settings import ServiceSettings, load_settings
 from gpt_service.tasks.store import TaskStore
@@ -20,17 +20,18 @@ from gpt_service.tasks.worker import Worker
 
 
 def create_app(settings: ServiceSettings | None = None, *, run_worker: bool = True) -> FastAPI:
+    """The service; with `run_worker`, a built-in worker takes tasks too (else `gpt-service worker`s do)."""
     settings = settings or load_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = TaskStore(str(settings.database_url), settings.log_tail_lines)
-        worker = Worker(settings, store)
+        worker = Worker(settings, store) if run_worker else None
         app.state.store, app.state.worker = store, worker
-        if run_worker:
+        if worker:
             worker.start()
         yield
-        if run_worker:
+        if worker:
             worker.stop()
         if getattr(app.state, "inference", None) is not None:
             app.state.inference.close()
@@ -44,6 +45,7 @@ def create_app(settings: ServiceSettings | None = None, *, run_worker: bool = Tr
     app.include_router(serving.router)
     app.include_router(openai_compat.router)
     app.include_router(evaluation.router)
+    app.include_router(workers.router)
     console.install(app)  # the web console at /
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -60,7 +62,9 @@ def create_app(settings: ServiceSettings | None = None, *, run_worker: bool = Tr
     def health() -> dict[str, Any]:
         worker = app.state.worker
         inference = getattr(app.state, "inference", None)
-        return {"status": "ok", "worker_alive": worker.alive, "running_tasks": len(worker.children),
+        return {"status": "ok", "worker": worker.name if worker else None,
+                "worker_alive": worker.alive if worker else None,
+                "running_tasks": len(worker.children) if worker else 0,
                 "engines_alive": inference.engines_alive() if inference else None,
                 "models_loaded": len(inference.models()) if inference else 0}
 

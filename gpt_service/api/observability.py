@@ -7,8 +7,6 @@ never stale. Each app has its own registry (no import-time globals).
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +17,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gpt_service.logs import JsonFormatter, logging_config
 from gpt_service.tasks.store import STATUSES
+
+__all__ = ["JsonFormatter", "install_metrics", "logging_config"]
 
 
 class _StateCollector(Collector):
@@ -95,26 +96,3 @@ def install_metrics(app: FastAPI) -> None:
         "content": {"text/plain": {"schema": {"type": "string"}}}}})
     def metrics(_request: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, logger, message (and the exception, if any)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
-                 "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def logging_config(json_lines: bool) -> dict[str, Any]:
-    """A `logging.config` dict for uvicorn, our loggers and Python warnings, plain or JSON lines."""
-    formatter = {"()": JsonFormatter} if json_lines else {"format": "%(levelname)s %(name)s: %(message)s"}
-    handler = {"class": "logging.StreamHandler", "formatter": "main", "stream": "ext://sys.stderr"}
-    return {
-        "version": 1, "disable_existing_loggers": False,
-        "formatters": {"main": formatter}, "handlers": {"main": handler},
-        "loggers": {name: {"handlers": ["main"], "level": "INFO", "propagate": False}
-                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "gpt_service", "py.warnings")},
-    }

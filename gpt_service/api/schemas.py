@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, create_model
 
 from gpt_service.config import LoraSettings, TrainConfig
+from gpt_service.tasks.placement import TaskNeeds
 from gpt_service.tasks.store import Task
 
 
@@ -25,15 +26,21 @@ def _all_optional(model: type[BaseModel], name: str, required: tuple[str, ...] =
 
 
 LoraOverrides = _all_optional(LoraSettings, "LoraOverrides")
-TrainRequest = _all_optional(
-    TrainConfig, "TrainRequest", required=("base_model", "dataset_path"), lora_config=(LoraOverrides | None, None)
+_TrainFields = _all_optional(
+    TrainConfig, "_TrainFields", required=("base_model", "dataset_path"), lora_config=(LoraOverrides | None, None)
 )
+_NeedsFields = _all_optional(TaskNeeds, "_NeedsFields")
+
+
+class TrainRequest(_TrainFields, _NeedsFields):  # type: ignore[misc, valid-type]
+    """The training's fields and what the task needs of a worker (`device`, `num_processes`, `min_memory_gb`)."""
 
 
 class TrainAccepted(BaseModel):
     task_id: str
     status: str
     output_dir: str | None
+    warning: str | None = None  # e.g. no live worker can run the task now (it waits for one)
 
 
 def task_view(task: Task) -> dict[str, Any]:
@@ -47,6 +54,9 @@ def task_view(task: Task) -> dict[str, Any]:
         "base_model": request.get("base_model"), "dataset_path": request.get("dataset_path"),
         "output_dir": task.output_dir, "adapter_path": task.adapter_path, "error": task.error,
         "result": task.result, "attempts": task.attempts, "cancel_requested": task.cancel_requested,
+        "worker": task.leased_by, "reclaims": task.reclaims,
+        "needs": {"device": task.need_device, "num_processes": task.need_processes,
+                  "min_memory_gb": None if task.need_memory_mb is None else task.need_memory_mb / 1024},
         "created_at": task.created_at.isoformat() if task.created_at else None,
         "started_at": task.started_at.isoformat() if task.started_at else None,
         "finished_at": task.finished_at.isoformat() if task.finished_at else None,

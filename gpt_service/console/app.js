@@ -223,6 +223,7 @@ const ROUTES = [
   [/^#\/models$/, "models", modelsView],
   [/^#\/playground$/, "playground", playgroundView],
   [/^#\/evaluate$/, "evaluate", evaluateView],
+  [/^#\/workers$/, "workers", workersView],
 ];
 
 function render() {
@@ -284,6 +285,42 @@ function tasksView(main, ctx) {
       h("td", { className: "mono", title: t.base_model || "" }, tail(t.base_model, 2) || "–"),
       h("td", { className: "mono", title: t.dataset_path || "" }, tail(t.dataset_path, 2) || "–"),
       h("td", { title: t.created_at || "" }, when(t.created_at)))));
+  }
+  ctx.poll(() => refresh().catch((err) => { showError(error, err); throw err; }), 2000);
+}
+
+// ---------------------------------------------------------------- workers
+
+function workersView(main, ctx) {
+  const body = h("tbody");
+  const error = errorBox("workers-error");
+  append(main,
+    h("h1", {}, "Workers"),
+    h("div", { className: "panel" },
+      h("p", { className: "muted" }, "Every process taking tasks from this service's database: ",
+        h("code", {}, "gpt-service serve"), " with its built-in worker, and ", h("code", {}, "gpt-service worker"), "."),
+      error,
+      h("table", { id: "worker-table" },
+        h("thead", {}, h("tr", {}, ["Worker", "Host", "Device", "Memory", "Last heartbeat", "State", "Tasks"]
+          .map((t) => h("th", {}, t)))),
+        body)));
+
+  async function refresh() {
+    const { workers } = await api("/workers");
+    showError(error, null);
+    if (!workers.length) {
+      replace(body, h("tr", {}, h("td", { colspan: 7, className: "empty" }, "No worker has registered yet.")));
+      return;
+    }
+    replace(body, workers.map((w) => h("tr", { "data-worker": w.name, className: "worker-row" },
+      h("td", { className: "mono" }, w.name),
+      h("td", { className: "mono" }, `${w.host} (pid ${w.pid})`),
+      h("td", {}, `${w.device} × ${w.device_count}`),
+      h("td", { className: "num" }, `${fmt(w.memory_gb, 1)} GB`),
+      h("td", { title: w.last_heartbeat_at }, `${fmt(w.heartbeat_age_seconds, 1)} s ago`),
+      h("td", {}, badge(w.alive ? "alive" : "lost")),
+      h("td", {}, w.tasks.length ? w.tasks.map((id) => h("a", { href: `#/tasks/${id}`, className: "mono" },
+        shortId(id), " ")) : "idle"))));
   }
   ctx.poll(() => refresh().catch((err) => { showError(error, err); throw err; }), 2000);
 }
@@ -416,6 +453,7 @@ async function taskView(main, ctx, taskId) {
       ["epoch", fmt(task.epoch, 2)], ["loss", fmt(task.loss)], ["eval loss", fmt(task.eval_loss)],
       ["learning rate", fmt(task.learning_rate)], ["tokens / s", fmt(task.tokens_per_second, 0)], ["ETA", eta],
       ["started", when(task.started_at)], ["finished", when(task.finished_at)], ["attempts", task.attempts],
+      ["worker", task.worker || "–"],
     ];
     replace(overview, progressBar(task),
       h("div", { className: "stats" }, stats.map(([k, v]) => h("div", { className: "stat" }, h("small", {}, k), h("b", {}, v)))),
@@ -941,7 +979,7 @@ async function health() {
   try {
     const response = await fetch("/health");
     const data = await response.json();
-    el.className = `health ${data.worker_alive ? "ok" : "bad"}`;
+    el.className = `health ${data.worker_alive !== false ? "ok" : "bad"}`;
     el.textContent = `${data.running_tasks} running, ${data.models_loaded} loaded`;
   } catch {
     el.className = "health bad";

@@ -9,13 +9,12 @@ import traceback
 from gpt_service.evaluation.evaluate import EvaluationStopped, evaluate_job
 from gpt_service.evaluation.job import EvaluationJob
 from gpt_service.tasks.runner import FLUSH_SECONDS, StoreReporter, describe_failure
-from gpt_service.tasks.store import Task, TaskStore
+from gpt_service.tasks.store import Task
 
 
-def run_evaluation_task(store: TaskStore, task: Task) -> str:
-    """Evaluate the task's job, reporting progress to the store; record and return the final status."""
+def run_evaluation_task(reporter: StoreReporter, task: Task) -> str:
+    """Evaluate the task's job, reporting progress through `reporter` (its lease); record and return the status."""
     job = EvaluationJob.model_validate(task.request)
-    reporter = StoreReporter(store, task.task_id)
     reporter.lines.append(f"evaluation started (attempt {task.attempts}, pid {os.getpid()})")
 
     def on_progress(done: int, total: int) -> None:
@@ -27,17 +26,14 @@ def run_evaluation_task(store: TaskStore, task: Task) -> str:
         result = evaluate_job(job, on_progress, reporter.should_stop)
     except EvaluationStopped:
         reporter.lines.append("cancelled")
-        reporter.flush()
-        store.finish(task.task_id, "cancelled")
+        reporter.finish("cancelled")
         return "cancelled"
     except BaseException as exc:
         reporter.lines.append("".join(traceback.format_exception(exc)).rstrip())
-        reporter.flush()
-        store.finish(task.task_id, "failed", error=describe_failure(exc))
+        reporter.finish("failed", error=describe_failure(exc))
         return "failed"
     figures = result["metrics"]
     reporter.lines.append(f"completed: loss {figures['loss']:.4f} over {result['tokens']} tokens "
                           f"of {result['samples']} samples")
-    reporter.flush()
-    store.finish(task.task_id, "completed", progress=100.0, result=result)
+    reporter.finish("completed", progress=100.0, result=result)
     return "completed"

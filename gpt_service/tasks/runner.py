@@ -1,13 +1,17 @@
-"""Run one training task in this process, reporting to the task store.
+"""Run one training task in this process, reporting to the task store under the lease its worker took.
 
-    GPT_SERVICE_DATABASE_URL=sqlite:///gpt_service.db python -m gpt_service.tasks.runner TASK_ID
+    GPT_SERVICE_DATABASE_URL=sqlite:///gpt_service.db python -m gpt_service.tasks.runner TASK_ID \
+        --lease-token N --lease-margin SECONDS
 
 Started by the worker, one process per task, so that a crash, an out-of-memory or a kill ends
-this process and never the server. The process dies with the worker that started it.
+this process and never the server. The process dies with the worker that started it. Every write
+is fenced by the lease token; a run that finds its lease gone, or ending within the margin (its
+worker stalled), exits at once with LEASE_LOST_EXIT and writes nothing more.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import errno
 import logging
@@ -20,6 +24,7 @@ from typing import Any
 
 from gpt_service.config import TrainConfig
 from gpt_service.errors import UserError
+from gpt_service.tasks.leases import LEASE_LOST_EXIT, Lease
 from gpt_service.tasks.store import TaskStore
 from gpt_service.training.progress import TrainingProgress
 from gpt_service.training.recipe import run_lora_finetune
@@ -38,9 +43,9 @@ def die_with_parent() -> None:
 class StoreReporter(logging.Handler):
     """Progress callback, stop check and log handler of one task, batched into few transactions."""
 
-    def __init__(self, store: TaskStore, task_id: str) -> None:
+    def __init__(self, store: TaskStore, lease: Lease, lease_margin: float) -> None:
         super().__init__(level=logging.INFO)
-        self.store, self.task_id = store, task_id
+        self.store, self.lease, self.lease_margin = store, lease, lease_margin
         self.figures: dict[str, Any] = {}
         self.points: list[dict[str, Any]] = []
         self.lines: list[str] = []
@@ -61,16 +66,31 @@ class StoreReporter(logging.Handler):
             self.flush()
 
     def flush(self) -> None:
-        if self.figures or self.points or self.lines:
-            self.store.record_progress(self.task_id, self.figures, self.points, self.lines)
+        if (self.figures or self.points or self.lines) and not self.store.record_progress(
+                self.lease, self.figures, self.points, self.lines):
+            self.lease_lost()
         self.figures, self.points, self.lines = {}, [], []
         self.last_flush = time.monotonic()
 
     def should_stop(self) -> bool:
         if not self.stop and time.monotonic() - self.last_poll >= CANCEL_POLL_SECONDS:
-            self.stop = self.store.cancel_requested(self.task_id)
+            state = self.store.lease_state(self.lease, self.lease_margin)
+            if state == "lost":
+                self.lease_lost()
+            self.stop = state == "cancel"
             self.last_poll = time.monotonic()
         return self.stop
+
+    def finish(self, status: str, **fields: Any) -> None:
+        """The run's verdict, after its last report; a verdict refused means the lease was lost."""
+        self.flush()
+        if not self.store.finish(self.lease, status, **fields):
+            self.lease_lost()
+
+    def lease_lost(self) -> None:
+        print(f"task {self.lease.task_id}: lease {self.lease.token} lost (this run's worker stalled or the task "
+              f"was taken again); process {os.getpid()} stops without writing more", file=sys.stderr, flush=True)
+        os._exit(LEASE_LOST_EXIT)
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -83,19 +103,19 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def run_task(store: TaskStore, task_id: str) -> str:
+def run_task(store: TaskStore, lease: Lease, lease_margin: float) -> str:
     """Run the task (a training, or an evaluation by its kind); record and return its final status."""
-    task = store.get(task_id)
+    task = store.get(lease.task_id)
     if task is None:
-        raise SystemExit(f"no task {task_id}")
+        raise SystemExit(f"no task {lease.task_id}")
+    reporter = StoreReporter(store, lease, lease_margin)
     if task.kind == "evaluate":
         from gpt_service.evaluation.task import run_evaluation_task
 
-        return run_evaluation_task(store, task)
+        return run_evaluation_task(reporter, task)
     config = TrainConfig.model_validate(task.request)
     if task.resume:
         config = config.model_copy(update={"resume_from_checkpoint": "latest"})
-    reporter = StoreReporter(store, task_id)
     logging.getLogger("gpt_service").addHandler(reporter)
     logging.getLogger("gpt_service").setLevel(logging.INFO)
     reporter.lines.append(f"training started (attempt {task.attempts}, pid {os.getpid()})"
@@ -104,15 +124,13 @@ def run_task(store: TaskStore, task_id: str) -> str:
         result = run_lora_finetune(config, reporter.on_progress, reporter.should_stop)
     except BaseException as exc:
         reporter.lines.append("".join(traceback.format_exception(exc)).rstrip())
-        reporter.flush()
-        store.finish(task_id, "failed", error=describe_failure(exc))
+        reporter.finish("failed", error=describe_failure(exc))
         return "failed"
     reporter.lines.append("cancelled" if result.stopped else f"completed: adapter saved to {result.adapter_dir}")
-    reporter.flush()
     if result.stopped:
-        store.finish(task_id, "cancelled")
+        reporter.finish("cancelled")
         return "cancelled"
-    store.finish(task_id, "completed", adapter_path=result.adapter_dir, progress=100.0,
+    reporter.finish("completed", adapter_path=result.adapter_dir, progress=100.0,
                  result={"final_loss": result.final_loss, "final_eval_loss": result.final_eval_loss,
                          "train_samples": result.train_samples, "eval_samples": result.eval_samples,
                          "truncated_samples": result.truncated_samples, "global_step": result.global_step})
@@ -121,9 +139,14 @@ def run_task(store: TaskStore, task_id: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
-    args = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m gpt_service.tasks.runner")
+    parser.add_argument("task_id")
+    parser.add_argument("--lease-token", type=int, required=True, help="the fencing token of this run's claim")
+    parser.add_argument("--lease-margin", type=float, required=True,
+                        help="stop when the lease ends within this many seconds unrenewed")
+    args = parser.parse_args(argv)
     store = TaskStore(os.environ["GPT_SERVICE_DATABASE_URL"])
-    status = run_task(store, args[0])
+    status = run_task(store, Lease(args.task_id, args.lease_token), args.lease_margin)
     store.close()
     return 0 if status != "failed" else 1
 

@@ -1,8 +1,10 @@
-"""The durable task store: SQLAlchemy over SQLite (WAL) by default, any SQLAlchemy URL by choice.
+"""The durable task store: SQLAlchemy over SQLite (WAL) by default, PostgreSQL (psycopg 3) for several hosts.
 
-Every process (the API, the worker thread, each training child) opens its own `TaskStore` on the
+Every process (an API server, a worker, each training child) opens its own `TaskStore` on the
 same URL. SQLite waits up to `busy_timeout` for a writer instead of answering "database is
-locked", and WAL lets readers go on while a training writes its progress.
+locked", and WAL lets readers go on while a training writes its progress. The schema is Alembic's
+(tasks/migrate.py); claims, leases and fencing live in tasks/leases.py, and every write a run makes
+goes through them with its `Lease`.
 """
 
 from __future__ import annotations
@@ -10,92 +12,25 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    Boolean,
-    DateTime,
-    Float,
-    ForeignKey,
-    Integer,
-    String,
-    Text,
-    create_engine,
-    delete,
-    event,
-    func,
-    select,
-    update,
-)
+from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+
+from gpt_service.tasks import leases
+from gpt_service.tasks.leases import Lease
+from gpt_service.tasks.migrate import upgrade_to_head
+from gpt_service.tasks.placement import WorkerOffer
+from gpt_service.tasks.schema import Attempt, LogLine, MetricPoint, Task, WorkerRecord, utcnow
+
+__all__ = ["ACTIVE", "FINISHED", "STATUSES", "Attempt", "Lease", "Task", "TaskStore", "WorkerRecord", "utcnow"]
 
 ACTIVE = ("pending", "running")
 FINISHED = ("completed", "failed", "cancelled")
 STATUSES = ACTIVE + FINISHED
 PROGRESS_FIELDS = ("progress", "step", "total_steps", "epoch", "loss", "eval_loss", "learning_rate",
                    "tokens_per_second", "eta_seconds")
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Task(Base):
-    __tablename__ = "tasks"
-
-    task_id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16), default="train")
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    request: Mapped[dict[str, Any]] = mapped_column(JSON)
-    output_dir: Mapped[str | None] = mapped_column(Text)
-    adapter_path: Mapped[str | None] = mapped_column(Text)
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    error: Mapped[str | None] = mapped_column(Text)
-    progress: Mapped[float] = mapped_column(Float, default=0.0)
-    step: Mapped[int] = mapped_column(Integer, default=0)
-    total_steps: Mapped[int | None] = mapped_column(Integer)
-    epoch: Mapped[float | None] = mapped_column(Float)
-    loss: Mapped[float | None] = mapped_column(Float)
-    eval_loss: Mapped[float | None] = mapped_column(Float)
-    learning_rate: Mapped[float | None] = mapped_column(Float)
-    tokens_per_second: Mapped[float | None] = mapped_column(Float)
-    eta_seconds: Mapped[float | None] = mapped_column(Float)
-    pid: Mapped[int | None] = mapped_column(Integer)
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    resume: Mapped[bool] = mapped_column(Boolean, default=False)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
-
-
-class MetricPoint(Base):
-    __tablename__ = "task_metrics"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.task_id", ondelete="CASCADE"), index=True)
-    step: Mapped[int] = mapped_column(Integer)
-    epoch: Mapped[float | None] = mapped_column(Float)
-    loss: Mapped[float | None] = mapped_column(Float)
-    eval_loss: Mapped[float | None] = mapped_column(Float)
-    learning_rate: Mapped[float | None] = mapped_column(Float)
-
-
-class LogLine(Base):
-    __tablename__ = "task_logs"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.task_id", ondelete="CASCADE"), index=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    line: Mapped[str] = mapped_column(Text)
 
 
 def _make_engine(url: str) -> Engine:
@@ -116,12 +51,12 @@ def _make_engine(url: str) -> Engine:
 
 
 class TaskStore:
-    """Tasks, their metrics history and their log tails."""
+    """Tasks, their metrics history, their log tails, their claims and the workers that take them."""
 
     def __init__(self, url: str, log_tail_lines: int = 1000) -> None:
         self.engine = _make_engine(url)
         self.log_tail_lines = log_tail_lines
-        Base.metadata.create_all(self.engine)
+        upgrade_to_head(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -138,8 +73,11 @@ class TaskStore:
     def new_id() -> str:
         return uuid.uuid4().hex
 
-    def create(self, task_id: str, request: dict[str, Any], output_dir: str | None, kind: str = "train") -> Task:
-        task = Task(task_id=task_id, kind=kind, status="pending", request=request, output_dir=output_dir)
+    def create(self, task_id: str, request: dict[str, Any], output_dir: str | None, kind: str = "train",
+               needs: dict[str, Any] | None = None) -> Task:
+        """A pending task; `needs` are its placement columns (placement.TaskNeeds.columns())."""
+        task = Task(task_id=task_id, kind=kind, status="pending", request=request, output_dir=output_dir,
+                    **(needs or {}))
         with self.session() as s:
             s.add(task)
         return task
@@ -168,41 +106,12 @@ class TaskStore:
         with self.session() as s:
             return s.scalar(select(Task.task_id).where(Task.output_dir == output_dir, Task.status.in_(ACTIVE)))
 
-    def claim_next(self) -> Task | None:
-        """Atomically move the oldest pending task to running and return it."""
-        with self.session() as s:
-            candidate = s.scalar(
-                select(Task.task_id).where(Task.status == "pending").order_by(Task.created_at).limit(1)
-            )
-            if candidate is None:
-                return None
-            claimed = s.execute(
-                update(Task).where(Task.task_id == candidate, Task.status == "pending").values(
-                    status="running", started_at=utcnow(), finished_at=None, error=None,
-                    cancel_requested=False, attempts=Task.attempts + 1,
-                )
-            ).rowcount
-            return s.get(Task, candidate) if claimed else None
-
     def set_fields(self, task_id: str, **fields: Any) -> None:
         with self.session() as s:
             s.execute(update(Task).where(Task.task_id == task_id).values(**fields))
 
-    def finish(self, task_id: str, status: str, error: str | None = None, pid: int | None = None,
-               **fields: Any) -> bool:
-        """Mark a task finished, unless it already is (the first verdict stands); True if it was active.
-
-        With `pid`, only while the task is still that process's run.
-        """
-        query = update(Task).where(Task.task_id == task_id, Task.status.in_(ACTIVE))
-        if pid is not None:
-            query = query.where(Task.pid == pid)
-        with self.session() as s:
-            return bool(s.execute(query.values(status=status, error=error, finished_at=utcnow(), pid=None,
-                                               **fields)).rowcount)
-
     def request_cancel(self, task_id: str) -> Task | None:
-        """Cancel a pending task at once; flag a running one for its process to stop."""
+        """Cancel a pending task at once; flag a running one for its worker and its run to stop."""
         with self.session() as s:
             s.execute(
                 update(Task).where(Task.task_id == task_id, Task.status == "pending").values(
@@ -231,27 +140,93 @@ class TaskStore:
 
     def delete(self, task_id: str) -> None:
         with self.session() as s:
-            s.execute(delete(MetricPoint).where(MetricPoint.task_id == task_id))
-            s.execute(delete(LogLine).where(LogLine.task_id == task_id))
+            for table in (MetricPoint, LogLine, Attempt):
+                s.execute(delete(table).where(table.task_id == task_id))
             s.execute(delete(Task).where(Task.task_id == task_id))
+
+    # -- claims and leases (tasks/leases.py) ------------------------------------------------------
+
+    def claim(self, offer: WorkerOffer, lease_seconds: float) -> Task | None:
+        with self.session() as s:
+            return leases.claim(s, offer, lease_seconds)
+
+    def renew(self, lease: Lease, lease_seconds: float) -> bool | None:
+        with self.session() as s:
+            return leases.renew(s, lease, lease_seconds)
+
+    def lease_state(self, lease: Lease, margin_seconds: float) -> str:
+        with self.session() as s:
+            return leases.lease_state(s, lease, margin_seconds)
+
+    def set_pid(self, lease: Lease, pid: int) -> bool:
+        with self.session() as s:
+            return bool(s.execute(leases.fenced(update(Task), lease).values(pid=pid)).rowcount)
+
+    def finish(self, lease: Lease, status: str, error: str | None = None, **fields: Any) -> bool:
+        """Mark a task finished if `lease` still holds it (the first verdict stands); True if it did."""
+        with self.session() as s:
+            return leases.finish(s, lease, status, error=error, **fields)
+
+    def release(self, lease: Lease, note: str) -> bool:
+        with self.session() as s:
+            return leases.release(s, lease, note)
+
+    def reclaim_expired(self, max_reclaims: int) -> list[tuple[str, str]]:
+        with self.session() as s:
+            return leases.reclaim_expired(s, max_reclaims)
+
+    def held_by(self, name: str) -> list[Task]:
+        with self.session() as s:
+            return leases.held_by(s, name)
+
+    def attempts(self, task_id: str | None = None) -> list[Attempt]:
+        query = select(Attempt).order_by(Attempt.task_id, Attempt.lease_token)
+        with self.session() as s:
+            return list(s.scalars(query.where(Attempt.task_id == task_id) if task_id else query))
+
+    # -- workers ------------------------------------------------------------------------------------
+
+    def register_worker(self, offer: WorkerOffer, lease_seconds: float) -> None:
+        with self.session() as s:
+            leases.register(s, offer, lease_seconds)
+
+    def heartbeat(self, name: str) -> None:
+        with self.session() as s:
+            leases.heartbeat(s, name)
+
+    def unregister_worker(self, name: str, pid: int) -> None:
+        with self.session() as s:
+            leases.unregister(s, name, pid)
+
+    def workers(self) -> tuple[list[WorkerRecord], dict[str, list[str]], Any]:
+        """Every registered worker, the tasks each one holds, and the database's clock now."""
+        with self.session() as s:
+            records = list(s.scalars(select(WorkerRecord).order_by(WorkerRecord.name)))
+            held: dict[str, list[str]] = {}
+            for name, task_id in s.execute(select(Task.leased_by, Task.task_id).where(Task.status == "running")):
+                held.setdefault(name, []).append(task_id)
+            return records, held, leases.db_now(s)
 
     # -- progress, metrics, logs ----------------------------------------------------------------
 
-    def record_progress(self, task_id: str, figures: dict[str, Any], points: list[dict[str, Any]],
-                        lines: list[str]) -> None:
-        """One transaction per report: the latest figures, new metric points and new log lines."""
+    def record_progress(self, lease: Lease, figures: dict[str, Any], points: list[dict[str, Any]],
+                        lines: list[str]) -> bool:
+        """One transaction per report, fenced: nothing is written unless `lease` still holds the task."""
         with self.session() as s:
             values = {k: figures[k] for k in PROGRESS_FIELDS if k in figures}
-            if values:
-                s.execute(update(Task).where(Task.task_id == task_id).values(**values))
-            s.add_all(MetricPoint(task_id=task_id, **p) for p in points)
-            s.add_all(LogLine(task_id=task_id, line=line) for line in lines)
+            if not s.execute(leases.fenced(update(Task), lease).values(updated_at=utcnow(), **values)).rowcount:
+                return False
+            s.add_all(MetricPoint(task_id=lease.task_id, **p) for p in points)
+            s.add_all(LogLine(task_id=lease.task_id, line=line) for line in lines)
         if lines:
-            self._trim_log(task_id)
+            self._trim_log(lease.task_id)
+        return True
 
     def append_log(self, task_id: str, *lines: str) -> None:
-        self.record_progress(task_id, {}, [], list(lines))
-
+        """Notes of the service itself (the worker, a reclaim) rather than of a run."""
+        with self.session() as s:
+            s.add_all(LogLine(task_id=task_id, line=line) for line in lines)
+        self._trim_log(task_id)
     def _trim_log(self, task_id: str) -> None:
         with self.session() as s:
             cutoff = s.scalar(

@@ -79,6 +79,14 @@ def test_train_watch_load_and_stream_in_the_browser(guarded: Server, browser: An
     wait_until(lambda: find(By.ID, "tasks-count").text == "0 tasks", what="the task list")
     assert browser.execute_script("return localStorage.getItem('gpt-service-api-key')") == KEY
 
+    # the workers page lists the server's built-in worker, alive
+    find(By.CSS_SELECTOR, "#nav a[data-view=workers]").click()
+    row = wait_until(lambda: find(By.CSS_SELECTOR, "#worker-table .worker-row"), what="the worker list")
+    health = requests.get(f"{guarded.url}/health", timeout=10).json()
+    assert row.get_attribute("data-worker") == health["worker"] and "alive" in row.text and "cpu" in row.text
+    find(By.CSS_SELECTOR, "#nav a[data-view=tasks]").click()
+    wait_until(lambda: find(By.ID, "tasks-count").text == "0 tasks", what="the task list again")
+
     # the training form lists the workspace's datasets and models
     find(By.ID, "new-training").click()
     dataset = wait_until(lambda: find(By.ID, "dataset"), what="the training form")

@@ -8,6 +8,8 @@ import pytest
 
 from gpt_service.evaluation.evaluate import evaluate_job
 from gpt_service.evaluation.job import EvaluationJob
+from gpt_service.tasks.leases import Lease
+from gpt_service.tasks.placement import make_offer
 from gpt_service.tasks.runner import run_task
 from gpt_service.tasks.store import TaskStore
 from tests.conftest import QA_PAIRS
@@ -26,6 +28,13 @@ def store(tmp_path: Path) -> TaskStore:
     return TaskStore(f"sqlite:///{tmp_path / 'tasks.db'}")
 
 
+def claimed(store: TaskStore) -> Lease:
+    """The next task, claimed as a worker would before starting its runner."""
+    task = store.claim(make_offer("test-worker", 1), lease_seconds=60)
+    assert task is not None
+    return Lease(task.task_id, task.lease_token)
+
+
 def test_progress_counts_every_loss_batch_and_every_answer(job: EvaluationJob) -> None:
     reports: list[tuple[int, int]] = []
     evaluate_job(job, lambda done, total: reports.append((done, total)))
@@ -35,7 +44,7 @@ def test_progress_counts_every_loss_batch_and_every_answer(job: EvaluationJob) -
 
 def test_the_runner_runs_an_evaluate_task_to_its_result(job: EvaluationJob, store: TaskStore) -> None:
     store.create("t1", job.task_request(), None, kind="evaluate")
-    assert run_task(store, "t1") == "completed"
+    assert run_task(store, claimed(store), 1.0) == "completed"
     task = store.get("t1")
     assert task is not None and task.status == "completed" and task.progress == 100.0
     assert task.step == task.total_steps == 2 + len(QA_PAIRS)
@@ -46,8 +55,9 @@ def test_the_runner_runs_an_evaluate_task_to_its_result(job: EvaluationJob, stor
 
 def test_a_cancelled_evaluate_task_stops(job: EvaluationJob, store: TaskStore) -> None:
     store.create("t2", job.task_request(), None, kind="evaluate")
-    store.set_fields("t2", cancel_requested=True)
-    assert run_task(store, "t2") == "cancelled"
+    lease = claimed(store)
+    store.request_cancel("t2")
+    assert run_task(store, lease, 1.0) == "cancelled"
     task = store.get("t2")
     assert task is not None and task.status == "cancelled" and task.step == 1 and task.result is None
 
@@ -55,6 +65,6 @@ def test_a_cancelled_evaluate_task_stops(job: EvaluationJob, store: TaskStore) -
 def test_a_failing_evaluate_task_says_why(job: EvaluationJob, store: TaskStore, tmp_path: Path) -> None:
     missing = job.model_copy(update={"dataset_path": str(tmp_path / "gone.jsonl")})
     store.create("t3", missing.task_request(), None, kind="evaluate")
-    assert run_task(store, "t3") == "failed"
+    assert run_task(store, claimed(store), 1.0) == "failed"
     task = store.get("t3")
     assert task is not None and task.error is not None and "no such file" in task.error

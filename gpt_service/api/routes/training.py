@@ -11,8 +11,11 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from gpt_service.api.responses import errors
 from gpt_service.api.schemas import TrainAccepted, TrainRequest, task_view
+from gpt_service.config import TrainConfig
 from gpt_service.paths import confine
 from gpt_service.settings import ServiceSettings
+from gpt_service.tasks.leases import heartbeat_age
+from gpt_service.tasks.placement import PLACEMENT_KEYS, TaskNeeds
 from gpt_service.tasks.store import ACTIVE, STATUSES, Task, TaskStore
 from gpt_service.tasks.submission import ConflictError, NotFoundError, prepare_training
 
@@ -49,17 +52,31 @@ def existing_task(task_id: str, store: TaskStore) -> Task:
     return task
 
 
-@router.post("/train", response_model=TrainAccepted,
+def placement_warning(needs: TaskNeeds, store: TaskStore, lease_seconds: float) -> str | None:
+    """Why the task may wait: no live worker offers what it needs (one may join later, so it is queued)."""
+    records, _, now = store.workers()
+    if any(heartbeat_age(r, now) < lease_seconds and needs.met_by(r.device, r.device_count, r.memory_mb)
+           for r in records):
+        return None
+    return (f"no live worker offers {needs.describe()} now; the task waits until one that does takes it "
+            "(GET /workers lists the workers)")
+
+
+@router.post("/train", response_model=TrainAccepted, response_model_exclude_none=True,
              responses={200: {"links": TASK_LINKS}, **errors(400, 403, 404, 409, 413, 422)})
 def submit_training(body: TrainRequest, store: Store, settings: Settings) -> dict[str, Any]:  # type: ignore[valid-type]
     task_id = store.new_id()
-    config = prepare_training(body.model_dump(exclude_none=True), settings, task_id)  # type: ignore[attr-defined]
+    fields = body.model_dump(exclude_none=True)  # type: ignore[attr-defined]
+    needs = TaskNeeds.from_request(fields)
+    training = {k: v for k, v in fields.items() if k not in PLACEMENT_KEYS or k in TrainConfig.model_fields}
+    config = prepare_training(training, settings, task_id)  # type: ignore[attr-defined]
     with _submit_lock:
         owner = store.active_output_dir_owner(str(config.output_dir))
         if owner:
             raise ConflictError(f"output_dir {config.output_dir} is in use by task {owner}; wait for it or cancel it")
-        store.create(task_id, config.model_dump(mode="json"), config.output_dir)
-    return {"task_id": task_id, "status": "pending", "output_dir": config.output_dir}
+        store.create(task_id, config.model_dump(mode="json"), config.output_dir, needs=needs.columns())
+    return {"task_id": task_id, "status": "pending", "output_dir": config.output_dir,
+            "warning": placement_warning(needs, store, settings.lease_seconds)}  # type: ignore[attr-defined]
 
 
 @router.get("/train/status/{task_id}", responses=errors(404))

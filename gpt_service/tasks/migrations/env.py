@@ -1,0 +1,8 @@
+"""Alembic's entry: migrations run on the connection `tasks/migrate.py` hands over (and holds a lock on)."""
+
+from alembic import context
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, render_as_batch=connection.dialect.name == "sqlite")
+with context.begin_transaction():
+    context.run_migrations()
