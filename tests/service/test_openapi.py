@@ -32,7 +32,7 @@ def test_document_shapes(server: Server) -> None:
     assert isinstance(body["detail"], str) and body["errors"][0]["loc"] == ["body", "base_model"]
 
 
-def test_schemathesis_finds_nothing(server: Server) -> None:
+def test_schemathesis_finds_nothing(server: Server, tmp_path: Path) -> None:
     """Every operation, a bounded number of generated requests each, with a model loaded under the
     documents' example name so the generation routes answer 200 (plain and streamed) as well as errors."""
     loaded = requests.post(f"{server.url}/models/load", timeout=120,
@@ -44,7 +44,7 @@ def test_schemathesis_finds_nothing(server: Server) -> None:
             [str(SCHEMATHESIS), "run", f"{server.url}/openapi.json", "--checks", CHECKS, "--max-examples", "25",
              "--seed", "20261202", "--workers", "1", "--no-color", "--request-timeout", "60",
              which, UNLOAD_ROUTES],
-            capture_output=True, text=True, timeout=600,
+            capture_output=True, text=True, timeout=600, cwd=tmp_path,  # its cache stays out of the checkout
         )
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
         assert "Tested: " in run.stdout, run.stdout[-2000:]
