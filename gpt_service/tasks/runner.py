@@ -4,15 +4,18 @@
 
 Started by the worker, one process per task, so that a crash, an out-of-memory or a kill ends
 this process and never the server. The process dies with the worker that started it.
+
+A training with `num_processes` above 1 makes this process a torchrun launcher: it runs this
+module again once per rank (each dying with the launcher, which dies with the worker). Rank 0
+reports to the store and reads the cancel flag for all; when a rank dies, torchrun restarts the
+group (`max_restarts`) or the launcher fails the task naming the rank and how it died.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
@@ -21,18 +24,13 @@ from typing import Any
 from gpt_service.config import TrainConfig
 from gpt_service.errors import UserError
 from gpt_service.tasks.store import TaskStore
+from gpt_service.training import launch
+from gpt_service.training.launch import die_with_parent
 from gpt_service.training.progress import TrainingProgress
 from gpt_service.training.recipe import run_lora_finetune
 
 FLUSH_SECONDS = 0.5  # the longest a progress figure waits before it reaches the store
 CANCEL_POLL_SECONDS = 0.5
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the thread that started it goes (e.g. kill -9 of the server)."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 class StoreReporter(logging.Handler):
@@ -95,6 +93,11 @@ def run_task(store: TaskStore, task_id: str) -> str:
     config = TrainConfig.model_validate(task.request)
     if task.resume:
         config = config.model_copy(update={"resume_from_checkpoint": "latest"})
+    if config.num_processes > 1 and not launch.is_rank():
+        return launch_ranks(store, task_id, config)
+    if launch.rank() != 0:  # rank 0 reports and heeds cancels for the group; this one trains its share
+        run_lora_finetune(config)
+        return "completed"
     reporter = StoreReporter(store, task_id)
     logging.getLogger("gpt_service").addHandler(reporter)
     logging.getLogger("gpt_service").setLevel(logging.INFO)
@@ -104,6 +107,10 @@ def run_task(store: TaskStore, task_id: str) -> str:
         result = run_lora_finetune(config, reporter.on_progress, reporter.should_stop)
     except BaseException as exc:
         reporter.lines.append("".join(traceback.format_exception(exc)).rstrip())
+        if launch.is_rank() and launch.restarts_left() > 0:
+            reporter.lines.append(f"this attempt failed ({describe_failure(exc)}); torchrun restarts the processes")
+            reporter.flush()
+            raise
         reporter.flush()
         store.finish(task_id, "failed", error=describe_failure(exc))
         return "failed"
@@ -117,6 +124,28 @@ def run_task(store: TaskStore, task_id: str) -> str:
                          "train_samples": result.train_samples, "eval_samples": result.eval_samples,
                          "truncated_samples": result.truncated_samples, "global_step": result.global_step})
     return "completed"
+
+
+def launch_ranks(store: TaskStore, task_id: str, config: TrainConfig) -> str:
+    """Run the task's ranks under torchrun from this process; fail the task if they end without a verdict."""
+    options = launch.LaunchOptions(nproc_per_node=config.num_processes, max_restarts=config.max_restarts)
+    try:
+        import torch
+
+        options.check(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    except UserError as exc:
+        store.finish(task_id, "failed", error=str(exc))
+        return "failed"
+    store.append_log(task_id, f"launching {config.num_processes} training processes under torchrun "
+                     f"({config.distributed or 'ddp'}, at most {config.max_restarts} restart(s))")
+    code, failure = launch.run_torchrun(options, "gpt_service.tasks.runner", [task_id])
+    if code == 0:
+        task = store.get(task_id)
+        return task.status if task else "failed"
+    error = f"a training process failed: {failure}"
+    if store.finish(task_id, "failed", error=error, pid=os.getpid()):
+        store.append_log(task_id, error)
+    return "failed"
 
 
 def main(argv: list[str] | None = None) -> int:

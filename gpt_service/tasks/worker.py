@@ -3,10 +3,14 @@
 A thread in the server process. At most `max_concurrent_tasks` children run at once; a child that
 dies without recording a verdict (killed, out of memory, crashed) gets its task marked failed
 with the reason. A cancelled task that does not stop within the grace period is killed.
+
+Each child leads a process group of its own, and is killed with it; the ranks of a training on
+several processes (torchrun's children, each in a session of its own) die with the child.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -48,6 +52,20 @@ def _is_runner_of(pid: int, task_id: str) -> bool:
         return False
 
 
+def _kill(pid: int) -> None:
+    """SIGKILL a child and its process group (it leads one: started with start_new_session)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:  # not a group leader (a runner of an older version): the process alone
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        _kill(process.pid)
+
+
 class Worker:
     def __init__(self, settings: ServiceSettings, store: TaskStore) -> None:
         self.settings = settings
@@ -70,14 +88,14 @@ class Worker:
         self._stop.set()
         self._thread.join(timeout=10)
         for child in self.children.values():
-            child.process.kill()
+            _kill_group(child.process)
             child.process.wait(timeout=10)
 
     def recover_interrupted(self) -> None:
         """Tasks left `running` by a server that died: mark them failed, and re-queue when auto_resume."""
         for task in self.store.with_status("running"):
             if task.pid and _is_runner_of(task.pid, task.task_id):
-                os.kill(task.pid, signal.SIGKILL)  # an orphan from the previous server
+                _kill(task.pid)  # an orphan from the previous server
             self.store.finish(task.task_id, "failed", error=RESTART_NOTE)
             self.store.append_log(task.task_id, RESTART_NOTE)
             if self.settings.auto_resume:
@@ -110,7 +128,7 @@ class Worker:
                 process = subprocess.Popen(
                     [sys.executable, "-m", "gpt_service.tasks.runner", task.task_id],
                     cwd=self.settings.workspace, env=env, stdout=output, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL, start_new_session=True,
                 )
             self.store.set_fields(task.task_id, pid=process.pid)
             self.children[task.task_id] = _Child(task.task_id, process)
@@ -137,4 +155,4 @@ class Worker:
                     child.cancel_seen_at = now
             elif now - child.cancel_seen_at > self.settings.cancel_grace_seconds and not child.killed_for_cancel:
                 child.killed_for_cancel = True
-                child.process.kill()
+                _kill_group(child.process)

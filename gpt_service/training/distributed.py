@@ -119,8 +119,11 @@ def wrap(model: nn.Module, group: Group) -> nn.Module:
             log.info("FSDP2: no decoder layers found by name; the whole model is one shard group")
         sharded = [fully_shard(layer, mesh=mesh) for layer in layers] + [fully_shard(loss, mesh=mesh)]
         if group.backend == "gloo":
-            # gloo takes FSDP2's ReduceOp.AVG for a sum (pytorch/pytorch#162338): gradients would come out
-            # world_size times too large. Summing, then dividing, is exact on every backend.
+            # gloo has taken FSDP2's ReduceOp.AVG for a sum (pytorch/pytorch#162338): gradients came out
+            # world_size times too large. Summing, then dividing, is exact on every version and backend.
+            if not hasattr(sharded[-1], "set_force_sum_reduction_for_comms"):
+                raise UserError(f"distributed=fsdp on CPUs (gloo) needs a newer torch than {torch.__version__} "
+                                "(one with FSDPModule.set_force_sum_reduction_for_comms); use distributed=ddp")
             for module in sharded:
                 module.set_force_sum_reduction_for_comms(True)
         return loss
@@ -214,6 +217,13 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         optimizer.load_state_dict(state)
         return
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: FSDP2's DTensor results (a gradient norm) gathered, others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _device(group: Group) -> torch.device:

@@ -241,13 +241,14 @@ class _Run:
                      state.get("world_size", 1))
         return epoch, next_batch
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self) -> float:
+        """Clip, step, and return the gradient norm before clipping (over all processes' gradients)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], self.config.max_grad_norm
-            )
+        norm = torch.nn.utils.clip_grad_norm_(  # an infinite bound measures without clipping
+            [p for p in self.model.parameters() if p.requires_grad],
+            self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf,
+        )
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -255,6 +256,7 @@ class _Run:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return float(distributed.whole(norm))
 
     def _accumulate(self, window: list[list[int]]) -> float:
         """Forward and backward over this process's share of `window`; the window's summed loss, all processes.
@@ -328,12 +330,13 @@ class _Run:
                 self._reseed()
                 self.last_loss = self._accumulate(window)
                 tokens += sum(len(self.data.train[i]) for batch in window for i in batch)
-                self._optimizer_step()
+                grad_norm = self._optimizer_step()
                 self.step += 1
                 position = window_start + len(window)
                 epoch_float = epoch + position / len(batches)
                 point: dict[str, Any] = {"step": self.step, "epoch": round(epoch_float, 4),
-                                         "loss": self.last_loss, "learning_rate": self.scheduler.get_last_lr()[0]}
+                                         "loss": self.last_loss, "learning_rate": self.scheduler.get_last_lr()[0],
+                                         "grad_norm": grad_norm}
                 message = None
                 due = self.step % config.eval_steps == 0 or self.step == self.total_steps
                 if due and (eval_loss := self.evaluate()) is not None:
