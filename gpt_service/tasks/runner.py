@@ -111,6 +111,11 @@ def run_task(store: TaskStore, task_id: str) -> str:
             reporter.lines.append(f"this attempt failed ({describe_failure(exc)}); torchrun restarts the processes")
             reporter.flush()
             raise
+        if launch.is_rank() and not isinstance(exc, UserError):
+            # Often only the echo of another rank's death (a closed connection): the launcher, which sees
+            # every rank's end, gives the verdict.
+            reporter.flush()
+            raise
         reporter.flush()
         store.finish(task_id, "failed", error=describe_failure(exc))
         return "failed"
@@ -152,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     args = sys.argv[1:] if argv is None else argv
     store = TaskStore(os.environ["GPT_SERVICE_DATABASE_URL"])
-    status = run_task(store, args[0])
+    run = run_task
+    if launch.is_rank():  # a rank's exception reaches torchrun's launcher in an error file, by name
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        run = record(run_task)
+    status = run(store, args[0])
     store.close()
     return 0 if status != "failed" else 1
 

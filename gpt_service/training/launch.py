@@ -122,9 +122,15 @@ def launch_options(args: argparse.Namespace, num_processes: int, max_restarts: i
 
 
 def describe_failures(failures: dict[int, object]) -> str:
-    """One line per failed rank from torchrun's `ChildFailedError.failures`: signal, exit code or exception."""
+    """The failed ranks from torchrun's `ChildFailedError.failures`, in words: signal, exit code or exception.
+
+    Ranks that torchrun itself stopped (SIGTERM) after another failed are not the cause; they are
+    summed up in a word.
+    """
+    stopped = -signal.SIGTERM  # how torchrun stops the ranks left once one has failed
+    causes = {r: f for r, f in failures.items() if getattr(f, "exitcode", None) != stopped} or failures
     parts = []
-    for global_rank, failure in sorted(failures.items()):
+    for global_rank, failure in sorted(causes.items()):
         code = getattr(failure, "exitcode", None)
         message = getattr(failure, "message", "") or ""
         if code is not None and code < 0:
@@ -134,6 +140,8 @@ def describe_failures(failures: dict[int, object]) -> str:
         else:
             what = f"exited with code {code}"
         parts.append(f"rank {global_rank} {what}")
+    if len(causes) < len(failures):
+        parts.append("torchrun stopped the others")
     return "; ".join(parts) or "a training process failed"
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import Server
+from tests.conftest import Server, rank_pid
 
 BODY = {"base_model": "models/tiny", "dataset_path": "data/train.json", "batch_size": 2, "num_processes": 2,
         "validation_split": 0.25, "lora_config": {"lora_dropout": 0}}
@@ -53,7 +55,26 @@ def test_a_two_process_training_completes_and_a_cancelled_one_stops_every_rank(s
     assert len(processes_of(long_id)) == 3  # the launcher and two ranks
     requests.post(f"{server.url}/train/{long_id}/cancel", timeout=10).raise_for_status()
     assert server.wait_for(long_id, ("cancelled", "failed", "completed"), timeout=120)["status"] == "cancelled"
+    none_left(long_id)
+
+
+def none_left(task_id: str) -> None:
     deadline = time.monotonic() + 60
-    while processes_of(long_id):
-        assert time.monotonic() < deadline, f"processes left behind: {processes_of(long_id)}"
+    while processes_of(task_id):
+        assert time.monotonic() < deadline, f"processes left behind: {processes_of(task_id)}"
         time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_fails_the_task_naming_it(server: Server) -> None:
+    task_id = requests.post(f"{server.url}/train", json=BODY | {"num_epochs": 500}, timeout=30).json()["task_id"]
+    server.wait_for_step(task_id, 2, timeout=180)
+    victim = rank_pid(task_id, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    status = server.wait_for(task_id, ("failed", "cancelled", "completed"), timeout=120)
+    assert status["status"] == "failed"
+    # rank 0 may be stopped by torchrun or fail on the closed connection first: either way rank 1 is named
+    error = status["error"]
+    assert error.startswith("a training process failed: ") and "rank 1 was killed by SIGKILL" in error
+    none_left(task_id)

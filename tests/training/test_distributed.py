@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gpt_service.config import build_train_config
 from gpt_service.training import run_lora_finetune
-from tests.conftest import QA_PAIRS, REPO, free_port, qa_prompt, write_json
+from tests.conftest import QA_PAIRS, REPO, free_port, qa_prompt, rank_pid, write_json
 
 SCRIPT = REPO / "scripts" / "train_lora.py"
 INJECT = REPO / "tests" / "faults" / "inject"
@@ -178,19 +178,6 @@ def test_a_two_process_checkpoint_resumes_exactly_with_two_and_with_one(runs: Ru
         differences[f"{mode} 2 -> 1"] = max_difference(straight, adapter(alone))
     print(f"resume: max abs differences {differences}")
     assert max(differences.values()) <= TOLERANCE
-
-
-def rank_pid(marker: str, rank: int) -> int | None:
-    """The pid of the training rank whose command line holds `marker`."""
-    for proc in Path("/proc").iterdir():
-        try:
-            if (marker.encode() in (proc / "cmdline").read_bytes()
-                    and f"\0RANK={rank}\0".encode() in b"\0" + (proc / "environ").read_bytes()
-                    and b"\0LOCAL_RANK=" in b"\0" + (proc / "environ").read_bytes()):
-                return int(proc.name)
-        except (OSError, ValueError):
-            continue
-    return None
 
 
 @pytest.mark.slow

@@ -58,6 +58,9 @@ def test_failed_ranks_are_named_with_their_signal_or_message() -> None:
     killed = SimpleNamespace(exitcode=-9, message="Signal 9 (SIGKILL) received by PID 12")
     raised = SimpleNamespace(exitcode=1, message="Traceback ...\nValueError: bad")
     assert describe_failures({1: killed, 0: raised}) == "rank 0 failed: ValueError: bad; rank 1 was killed by SIGKILL"
+    stopped = SimpleNamespace(exitcode=-15, message="Signal 15 (SIGTERM) received by PID 11")
+    assert describe_failures({0: stopped, 1: killed}) == "rank 1 was killed by SIGKILL; torchrun stopped the others"
+    assert describe_failures({0: stopped}) == "rank 0 was killed by SIGTERM"
 
 
 @pytest.mark.parametrize(("field", "value", "words"), [
