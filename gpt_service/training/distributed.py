@@ -76,7 +76,11 @@ def join(config: TrainConfig) -> Group:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        # torchrun's agent keeps one store across the restarts of a group: without a prefix of its own,
+        # a restarted rank can read the address a dead rank published and wait on it until the timeout.
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"gpt-service/attempt-{launch.restart_count()}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     return Group(dist.get_rank(), dist.get_world_size(), config.distributed or "ddp", backend)
 
 
@@ -107,8 +111,15 @@ def wrap(model: nn.Module, group: Group) -> nn.Module:
     """The module whose forward(batch) returns (summed loss, labelled tokens), wrapped for `group`."""
     loss = TokenLoss(model)
     if group.mode == "ddp":
+        # Every process loaded the same base from disk: DDP's start-up broadcast of every weight (the
+        # whole base) would copy nothing new, so only the trained tensors are sent from rank 0. The
+        # buffers (rotary tables) are constants: no broadcast before each forward either.
+        for param in model.parameters():
+            if param.requires_grad:
+                dist.broadcast(param.data, src=0)
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
-        return nn.parallel.DistributedDataParallel(loss, device_ids=device_ids)
+        return nn.parallel.DistributedDataParallel(loss, device_ids=device_ids, broadcast_buffers=False,
+                                                   init_sync=False)
     if group.mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
