@@ -17,6 +17,7 @@ from pydantic_core import PydanticCustomError
 from gpt_service.errors import UserError
 
 DatasetFormat = Literal["json", "jsonl", "txt"]
+DistributedMode = Literal["ddp", "fsdp"]
 DEFAULT_CONFIG_PATH = Path("config/models.yaml")
 
 
@@ -96,6 +97,20 @@ class TrainConfig(_Settings):
     tensorboard: bool = Field(False, description="Write TensorBoard event files to <output_dir>/runs.")
     fast_paths: bool = Field(True, description="The hand-written speed-ups (fused head loss, LoRA branch, shared "
                              "dropout masks, CPU attention); false runs plain PEFT and PyTorch, for diagnosis.")
+
+    # More than one process (torchrun): see README "More than one GPU or machine".
+    num_processes: int = Field(
+        1, ge=1, le=1024, description="Training processes on this machine (torchrun --nproc_per_node); "
+        "the global batch is batch_size x gradient_accumulation_steps x all processes.",
+    )
+    distributed: DistributedMode | None = Field(
+        None, description="ddp (the base fits on each device) or fsdp (FSDP2: the base sharded across "
+        "processes); null = ddp when there is more than one process.",
+    )
+    max_restarts: int = Field(
+        0, ge=0, le=100, description="When a process dies, torchrun restarts them all this many times at most, "
+        "resuming from the newest checkpoint.",
+    )
     lora_config: LoraSettings = Field(default_factory=LoraSettings)
 
     @model_validator(mode="after")

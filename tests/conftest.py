@@ -160,6 +160,19 @@ class Server:
         raise TimeoutError(f"task {task_id} still {status['status']}")
 
 
+def rank_pid(marker: str, rank: int) -> int | None:
+    """The pid of the training rank whose command line holds `marker`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if (marker.encode() in (proc / "cmdline").read_bytes()
+                    and f"\0RANK={rank}\0".encode() in b"\0" + (proc / "environ").read_bytes()
+                    and b"\0LOCAL_RANK=" in b"\0" + (proc / "environ").read_bytes()):
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 @pytest.fixture(scope="session")
 def hub_cache(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("hf-cache")

@@ -39,9 +39,11 @@ def service_url(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
 def train_parser(prog: str) -> argparse.ArgumentParser:
     """scripts/train_lora.py's flags, and the service's."""
     from gpt_service.training.arguments import add_training_arguments
+    from gpt_service.training.launch import add_launch_arguments
 
     parser = argparse.ArgumentParser(prog=prog, description="Fine-tune a causal LM with LoRA, here or on a service.")
     add_training_arguments(parser)
+    add_launch_arguments(parser)
     add_service_flags(parser, "training")
     return parser
 
@@ -53,6 +55,11 @@ def train_entry(argv: list[str], prog: str) -> int:
         from gpt_service.training.command import main
 
         return main(argv, prog=prog)
+    machines = [flag for flag, given in (("--nnodes", args.nnodes != 1), ("--node_rank", args.node_rank is not None),
+                                         ("--rdzv_endpoint", args.rdzv_endpoint), ("--rdzv_id", args.rdzv_id)) if given]
+    if machines:
+        parser.error(f"{', '.join(machines)}: only for a training run here; a service runs its tasks on its own "
+                     "machine (--nproc_per_node works with a service)")
     args.client_command = "train"
     return run(args)
 

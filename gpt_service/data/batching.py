@@ -37,6 +37,19 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
     return [batches[i] for i in shuffled]
 
 
+def rank_share(batch: list[int], rank: int, world_size: int, most: int) -> list[list[int]]:
+    """One process's part of a global batch, in pieces of at most `most` samples.
+
+    Every `world_size`-th sample, so that a length-sorted batch gives each process similar lengths.
+    Every process gets the same number of pieces, some possibly empty (the caller runs those with
+    no weight), since each forward pass is a collective under FSDP2.
+    """
+    share = batch[rank::world_size]
+    largest_share = -(-len(batch) // world_size)
+    pieces = max(1, -(-largest_share // most))
+    return [share[i * most : (i + 1) * most] for i in range(pieces)]
+
+
 def sequential_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Batches for evaluation: sorted by length, in a fixed order."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])

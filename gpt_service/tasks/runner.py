@@ -7,16 +7,20 @@ Started by the worker, one process per task, so that a crash, an out-of-memory o
 this process and never the server. The process dies with the worker that started it. Every write
 is fenced by the lease token; a run that finds its lease gone, or ending within the margin (its
 worker stalled), exits at once with LEASE_LOST_EXIT and writes nothing more.
+
+A training with `num_processes` above 1 makes this process a torchrun launcher: it runs this
+module again once per rank, with the same lease (each rank dying with the launcher, which dies
+with the worker). Rank 0 reports to the store and reads the cancel flag for all; when a rank dies,
+torchrun restarts the group (`max_restarts`) or the launcher fails the task naming the rank and
+how it died.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
@@ -26,18 +30,13 @@ from gpt_service.config import TrainConfig
 from gpt_service.errors import UserError
 from gpt_service.tasks.leases import LEASE_LOST_EXIT, Lease
 from gpt_service.tasks.store import TaskStore
+from gpt_service.training import launch
+from gpt_service.training.launch import die_with_parent
 from gpt_service.training.progress import TrainingProgress
 from gpt_service.training.recipe import run_lora_finetune
 
 FLUSH_SECONDS = 0.5  # the longest a progress figure waits before it reaches the store
 CANCEL_POLL_SECONDS = 0.5
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the thread that started it goes (e.g. kill -9 of the server)."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 class StoreReporter(logging.Handler):
@@ -103,8 +102,10 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def run_task(store: TaskStore, lease: Lease, lease_margin: float) -> str:
-    """Run the task (a training, or an evaluation by its kind); record and return its final status."""
+def run_task(store: TaskStore, lease: Lease, lease_margin: float, rank_args: list[str] | None = None) -> str:
+    """Run the task (a training, or an evaluation by its kind); record and return its final status.
+
+    `rank_args`: this module's arguments, for the ranks of a training on several processes."""
     task = store.get(lease.task_id)
     if task is None:
         raise SystemExit(f"no task {lease.task_id}")
@@ -116,6 +117,11 @@ def run_task(store: TaskStore, lease: Lease, lease_margin: float) -> str:
     config = TrainConfig.model_validate(task.request)
     if task.resume:
         config = config.model_copy(update={"resume_from_checkpoint": "latest"})
+    if config.num_processes > 1 and not launch.is_rank():
+        return launch_ranks(reporter, config, rank_args or [])
+    if launch.rank() != 0:  # rank 0 reports and heeds cancels for the group; this one trains its share
+        run_lora_finetune(config)
+        return "completed"
     logging.getLogger("gpt_service").addHandler(reporter)
     logging.getLogger("gpt_service").setLevel(logging.INFO)
     reporter.lines.append(f"training started (attempt {task.attempts}, pid {os.getpid()})"
@@ -124,6 +130,15 @@ def run_task(store: TaskStore, lease: Lease, lease_margin: float) -> str:
         result = run_lora_finetune(config, reporter.on_progress, reporter.should_stop)
     except BaseException as exc:
         reporter.lines.append("".join(traceback.format_exception(exc)).rstrip())
+        if launch.is_rank() and launch.restarts_left() > 0:
+            reporter.lines.append(f"this attempt failed ({describe_failure(exc)}); torchrun restarts the processes")
+            reporter.flush()
+            raise
+        if launch.is_rank() and not isinstance(exc, UserError):
+            # Often only the echo of another rank's death (a closed connection): the launcher, which sees
+            # every rank's end, gives the verdict.
+            reporter.flush()
+            raise
         reporter.finish("failed", error=describe_failure(exc))
         return "failed"
     reporter.lines.append("cancelled" if result.stopped else f"completed: adapter saved to {result.adapter_dir}")
@@ -137,6 +152,30 @@ def run_task(store: TaskStore, lease: Lease, lease_margin: float) -> str:
     return "completed"
 
 
+def launch_ranks(reporter: StoreReporter, config: TrainConfig, rank_args: list[str]) -> str:
+    """Run the task's ranks under torchrun from this process; fail the task if they end without a verdict."""
+    options = launch.LaunchOptions(nproc_per_node=config.num_processes, max_restarts=config.max_restarts)
+    try:
+        import torch
+
+        options.check(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    except UserError as exc:
+        reporter.finish("failed", error=str(exc))
+        return "failed"
+    reporter.lines.append(f"launching {config.num_processes} training processes under torchrun "
+                          f"({config.distributed or 'ddp'}, at most {config.max_restarts} restart(s))")
+    reporter.flush()
+    code, failure = launch.run_torchrun(options, "gpt_service.tasks.runner", rank_args)
+    store, lease = reporter.store, reporter.lease
+    if code == 0:
+        task = store.get(lease.task_id)
+        return task.status if task else "failed"
+    error = f"a training process failed: {failure}"
+    if store.finish(lease, "failed", error=error, pid=os.getpid()):  # unless a rank gave the verdict first
+        store.append_log(lease.task_id, error)
+    return "failed"
+
+
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     parser = argparse.ArgumentParser(prog="python -m gpt_service.tasks.runner")
@@ -144,9 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lease-token", type=int, required=True, help="the fencing token of this run's claim")
     parser.add_argument("--lease-margin", type=float, required=True,
                         help="stop when the lease ends within this many seconds unrenewed")
-    args = parser.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(raw)
     store = TaskStore(os.environ["GPT_SERVICE_DATABASE_URL"])
-    status = run_task(store, Lease(args.task_id, args.lease_token), args.lease_margin)
+    run = run_task
+    if launch.is_rank():  # a rank's exception reaches torchrun's launcher in an error file, by name
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        run = record(run_task)
+    status = run(store, Lease(args.task_id, args.lease_token), args.lease_margin, raw)
     store.close()
     return 0 if status != "failed" else 1
 

@@ -11,10 +11,14 @@ At most `max_concurrent_tasks` children run at once; a child that dies without r
 (killed, out of memory, crashed) gets its task marked failed with the reason. A cancelled task that
 does not stop within the grace period is killed. Starting, a worker touches only the tasks it held
 itself under its name (left by its previous run); stopping, it gives its tasks back to the queue.
+
+Each child leads a process group of its own, and is killed with it; the ranks of a training on
+several processes (torchrun's children, each in a session of its own) die with the child.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -56,6 +60,17 @@ def lease_margin(settings: ServiceSettings) -> float:
     return settings.lease_seconds / 4
 
 
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL a child and its process group (it leads one: started with start_new_session)."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except OSError:  # gone meanwhile, or not a group leader: the process alone
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+
+
 class Worker:
     def __init__(self, settings: ServiceSettings, store: TaskStore) -> None:
         self.settings = settings
@@ -95,7 +110,7 @@ class Worker:
         self._stop.set()
         self._thread.join(timeout=10)
         for child in self.children.values():
-            child.process.kill()
+            _kill_group(child.process)
             child.process.wait(timeout=10)
         self._interrupt_own(f"interrupted: worker {self.name} stopped")
         self.store.unregister_worker(self.name, self.offer.pid)
@@ -136,7 +151,7 @@ class Worker:
             cancel = self.store.renew(child.lease, self.settings.lease_seconds)
             if cancel is None:
                 child.lease_lost = True
-                child.process.kill()
+                _kill_group(child.process)
                 log.warning("task %s: lease %d lost; its run (pid %d) killed, the task is another run's now",
                             child.lease.task_id, child.lease.token, child.process.pid)
             elif cancel and child.cancel_seen_at is None:
@@ -172,7 +187,7 @@ class Worker:
                 [sys.executable, "-m", "gpt_service.tasks.runner", task.task_id, "--lease-token", str(lease.token),
                  "--lease-margin", str(lease_margin(self.settings))],
                 cwd=self.settings.workspace, env=env, stdout=output, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, start_new_session=True,
             )
         self.store.set_pid(lease, process.pid)
         return process
@@ -209,4 +224,4 @@ class Worker:
             if child.cancel_seen_at is not None and not child.killed_for_cancel \
                     and now - child.cancel_seen_at > self.settings.cancel_grace_seconds:
                 child.killed_for_cancel = True
-                child.process.kill()
+                _kill_group(child.process)

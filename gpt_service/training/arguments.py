@@ -14,6 +14,8 @@ from typing import Any
 
 from gpt_service.config import DEFAULT_CONFIG_PATH, LoraSettings, TrainConfig
 
+# torchrun's spelling beside ours.
+ALIASES = {"num_processes": ["--nproc_per_node", "--nproc-per-node"]}
 LORA_FLAGS = {"lora_r": "r", "lora_alpha": "lora_alpha", "target_modules": "target_modules",
               "lora_dropout": "lora_dropout", "lora_bias": "bias"}
 
@@ -45,7 +47,7 @@ def _flag_kwargs(annotation: Any) -> dict[str, Any]:
 
 
 def _add(parser: argparse.ArgumentParser, name: str, help_text: str | None, **kwargs: Any) -> None:
-    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else []) + ALIASES.get(name, [])
     parser.add_argument(*names, dest=name, default=None, help=help_text, **kwargs)
 
 

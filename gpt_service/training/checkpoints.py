@@ -100,14 +100,18 @@ def resolve_checkpoint(output_dir: Path, spec: str) -> Path | None:
 
 
 def save_checkpoint(
-    output_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
-    state: dict[str, Any], keep: int | None,
+    output_dir: Path, step: int, write_adapter: Callable[[Path], None], optimizer_state: dict[str, Any],
+    scheduler: Any, state: dict[str, Any], keep: int | None,
 ) -> Path:
-    """Write adapter, optimizer, scheduler, RNG and data position; keep the newest `keep`."""
+    """Write adapter, optimizer, scheduler, RNG and data position; keep the newest `keep`.
+
+    `write_adapter(folder)` writes the PEFT files; `optimizer_state` is whole (gathered from every
+    process), so that a checkpoint resumes with any number of processes.
+    """
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        write_adapter(folder)
+        torch.save(optimizer_state, folder / "optimizer.pt")
         torch.save(scheduler.state_dict(), folder / "scheduler.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -122,20 +126,28 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: Path, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Restore optimizer, scheduler and RNG from `path`; return its trainer state.
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The checkpoint's step, data position and history (trainer_state.json)."""
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {exc}") from exc
 
-    The adapter weights are loaded by the caller (it owns the PEFT model). Every file is read with
-    `weights_only=True`: a checkpoint cannot run code.
+
+def load_checkpoint(path: Path, scheduler: Any) -> dict[str, Any]:
+    """Restore the scheduler and RNG from `path`; return the optimizer state for the caller to load.
+
+    The adapter weights and the optimizer state are loaded by the caller (it owns the PEFT model
+    and knows how it is sharded). Every file is read with `weights_only=True`: a checkpoint cannot
+    run code.
     """
     try:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng = torch.load(path / "rng_state.pt", weights_only=True)
-        state = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {exc}") from exc
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return state
+    return optimizer_state
