@@ -83,11 +83,12 @@ def _gpu_memory_mb() -> int | None:
 
 
 def detect_devices() -> tuple[str, int, int]:
-    """(device kind, count, memory per device in MB) of this machine: CUDA GPUs if any, else the CPU."""
+    """(device kind, count, memory in MB) of this machine: CUDA GPUs if any, else the CPU cores (a
+    training on several processes runs one gloo rank per core)."""
     gpus = [p for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name)]
     if gpus and (memory := _gpu_memory_mb()):
         return "cuda", len(gpus), memory
-    return "cpu", 1, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    return "cpu", os.cpu_count() or 1, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
 
 
 def make_offer(name: str | None, max_tasks: int, device: str | None = None, device_count: int | None = None,

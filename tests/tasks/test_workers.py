@@ -67,7 +67,8 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     with _database(request, workspace) as url:
         store = TaskStore(url)
         wide, narrow = start_workers(store, [WorkerProcess(workspace, url, "wide", env, "--device-count", "2"),
-                                             WorkerProcess(workspace, url, "narrow", env)])
+                                             WorkerProcess(workspace, url, "narrow", env,
+                                                           "--device-count", "1")])
         api = api_server(workspace, url, env, "--name", "api-1")
         bare = api_server(workspace, url, env, "--no-worker")
         try:
