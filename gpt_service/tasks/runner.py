@@ -171,7 +171,7 @@ def launch_ranks(reporter: StoreReporter, config: TrainConfig, rank_args: list[s
         task = store.get(lease.task_id)
         return task.status if task else "failed"
     error = f"a training process failed: {failure}"
-    if store.finish(lease, "failed", error=error, pid=os.getpid()):  # unless a rank gave the verdict first
+    if store.finish(lease, "failed", error=error):  # unless a rank gave the verdict first
         store.append_log(lease.task_id, error)
     return "failed"
 

@@ -69,7 +69,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         wide, narrow = start_workers(store, [WorkerProcess(workspace, url, "wide", env, "--device-count", "2"),
                                              WorkerProcess(workspace, url, "narrow", env,
                                                            "--device-count", "1")])
-        api = api_server(workspace, url, env, "--name", "api-1")
+        api = api_server(workspace, url, env, "--name", "api-1", "--device-count", "1")
         bare = api_server(workspace, url, env, "--no-worker")
         try:
             yield Cluster(url, workspace, store, wide, narrow, api, bare)
