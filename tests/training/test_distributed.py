@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gpt_service.config import build_train_config
 from gpt_service.training import run_lora_finetune
 from tests.conftest import QA_PAIRS, REPO, free_port, qa_prompt, rank_pid, write_json
+from tests.families.models import build
 
 SCRIPT = REPO / "scripts" / "train_lora.py"
 INJECT = REPO / "tests" / "faults" / "inject"
@@ -130,6 +131,19 @@ def test_two_processes_of_batch_2_give_the_adapter_of_one_process_of_batch_4(run
     record = json.loads((both / "run.json").read_text())
     assert (record["processes"], record["distributed"], record["global_batch_size"]) == (2, mode, 8)
     assert record["global_batch"] == "global batch 8 = batch_size 2 x gradient_accumulation_steps 2 x 2 process(es)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])  # Conv1D projections; soft-capped logits, eager attention
+def test_other_families_on_two_processes_give_the_one_process_adapter(family: str,
+                                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    runs = Runs(tmp_path_factory.mktemp(f"{family}-runs"), build(family, tmp_path_factory.mktemp("models") / family))
+    reference = runs.reference()
+    for mode in ("ddp", "fsdp"):
+        both = runs.two_processes(mode, "--distributed", mode)
+        assert max_difference(adapter(reference), adapter(both)) <= TOLERANCE, mode
+        expected, actual = history(reference), history(both)
+        assert [p["grad_norm"] for p in actual] == pytest.approx([p["grad_norm"] for p in expected], rel=1e-4)
 
 
 @pytest.mark.slow
