@@ -106,10 +106,6 @@ class TaskStore:
         with self.session() as s:
             return s.scalar(select(Task.task_id).where(Task.output_dir == output_dir, Task.status.in_(ACTIVE)))
 
-    def set_fields(self, task_id: str, **fields: Any) -> None:
-        with self.session() as s:
-            s.execute(update(Task).where(Task.task_id == task_id).values(**fields))
-
     def request_cancel(self, task_id: str) -> Task | None:
         """Cancel a pending task at once; flag a running one for its worker and its run to stop."""
         with self.session() as s:
@@ -121,10 +117,6 @@ class TaskStore:
             s.execute(update(Task).where(Task.task_id == task_id, Task.status == "running")
                       .values(cancel_requested=True))
             return s.get(Task, task_id)
-
-    def cancel_requested(self, task_id: str) -> bool:
-        with self.session() as s:
-            return bool(s.scalar(select(Task.cancel_requested).where(Task.task_id == task_id)))
 
     def requeue(self, task_id: str, note: str) -> Task | None:
         """Queue a finished task again, to resume from its newest checkpoint."""
