@@ -55,6 +55,17 @@ class LoraSettings(_Settings):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
 
 
+class QuantizationSettings(_Settings):
+    """The frozen base loaded in 4 or 8 bits through bitsandbytes (QLoRA); LoRA stays in full precision."""
+
+    bits: Literal[4, 8] = Field(4, description="4 (QLoRA: NF4 or FP4 blocks) or 8 (LLM.int8).")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="The 4-bit data type (4 bits only).")
+    double_quant: bool = Field(True, description="Quantize the 4-bit blocks' scales too (4 bits only).")
+
+    def describe(self) -> str:
+        return f"4-bit {self.type}" if self.bits == 4 else "8-bit"
+
+
 class TrainConfig(_Settings):
     """Everything one LoRA fine-tuning run needs. Field names are the spec's flag and request names."""
 
@@ -97,6 +108,17 @@ class TrainConfig(_Settings):
     tensorboard: bool = Field(False, description="Write TensorBoard event files to <output_dir>/runs.")
     fast_paths: bool = Field(True, description="The hand-written speed-ups (fused head loss, LoRA branch, shared "
                              "dropout masks, CPU attention); false runs plain PEFT and PyTorch, for diagnosis.")
+
+    # Memory: see README "Memory".
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute each layer's activations in the backward pass instead of keeping them: "
+        "a fraction of the memory for about a third more compute. null = on when the memory estimate says the "
+        "run would not fit without it.",
+    )
+    quantization: QuantizationSettings | None = Field(
+        None, description='Load the frozen base in 4 or 8 bits (bitsandbytes), e.g. {"bits": 4, "type": "nf4", '
+        '"double_quant": true}; the adapter is a normal PEFT adapter of the unquantized base.',
+    )
 
     # More than one process (torchrun): see README "More than one GPU or machine".
     num_processes: int = Field(

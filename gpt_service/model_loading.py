@@ -26,16 +26,20 @@ def load_tokenizer(name_or_path: str, allow_downloads: bool | None = None) -> An
 
 def load_causal_lm(
     name_or_path: str, dtype: torch.dtype, device: torch.device | str = "cpu",
-    allow_downloads: bool | None = None,
+    allow_downloads: bool | None = None, quantization: Any = None,
 ) -> Any:
+    """The model in `dtype` on `device`; with `quantization` (a `BitsAndBytesConfig`) its linear
+    layers are quantized as they load, on that device."""
     source, local_only = resolve_model_source(name_or_path, allow_downloads)
+    placement = {"quantization_config": quantization, "device_map": {"": str(device)}} if quantization else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, local_files_only=local_only, use_safetensors=True, trust_remote_code=False
+            source, dtype=dtype, local_files_only=local_only, use_safetensors=True, trust_remote_code=False,
+            **placement,
         )
     except (OSError, ValueError) as exc:  # custom code refused, missing files, unknown architecture
         raise ModelSourceError(f"cannot load the model {name_or_path}: {exc}") from exc
-    return model.to(device)
+    return model if quantization else model.to(device)
 
 
 def position_limit(model: Any) -> int | None:

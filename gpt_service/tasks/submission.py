@@ -16,6 +16,7 @@ from gpt_service.data.readers import guess_format
 from gpt_service.errors import UserError
 from gpt_service.model_sources import check_local_model_dir, resolve_model_source
 from gpt_service.paths import check_path_text, confine
+from gpt_service.quantization import check_available
 from gpt_service.settings import ServiceSettings
 
 
@@ -89,6 +90,8 @@ def prepare_training(body: dict[str, Any], settings: ServiceSettings, task_id: s
     """The task's full config: request fields over config/models.yaml, paths checked and resolved."""
     config_file = settings.config_path if settings.config_path and settings.config_path.is_file() else None
     config = build_train_config(body, config_file or "")
+    if config.quantization:
+        check_available()
     dataset = dataset_file(config.dataset_path, settings, "dataset_path", config.dataset_format)
     eval_dataset = (dataset_file(config.eval_dataset_path, settings, "eval_dataset_path", config.dataset_format)
                     if config.eval_dataset_path else None)

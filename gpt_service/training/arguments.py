@@ -1,13 +1,15 @@
 """Command-line flags for training, derived from `TrainConfig` so flags and fields never drift.
 
 Every field becomes `--field_name` (the spec's spelling) with a `--field-name` alias; the LoRA
-block becomes `--lora_r`, `--lora_alpha`, `--target_modules`, `--lora_dropout`, `--lora_bias`.
+block becomes `--lora_r`, `--lora_alpha`, `--target_modules`, `--lora_dropout`, `--lora_bias`;
+`--quantization nf4|fp4|8bit` (or a JSON block) sets the quantization block.
 Flags left out are None, so `config/models.yaml` supplies them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import types
 import typing
 from typing import Any
@@ -31,6 +33,24 @@ def _parse_bool(text: str) -> bool:
 
 def _parse_modules(text: str) -> list[str] | str:
     return "all-linear" if text == "all-linear" else [m.strip() for m in text.split(",") if m.strip()]
+
+
+QUANTIZATION_WORDS = {"nf4": {"bits": 4, "type": "nf4"}, "fp4": {"bits": 4, "type": "fp4"},
+                      "4bit": {"bits": 4}, "8bit": {"bits": 8}, "int8": {"bits": 8}}
+
+
+def _parse_quantization(text: str) -> dict[str, Any]:
+    if text.lower() in QUANTIZATION_WORDS:
+        return QUANTIZATION_WORDS[text.lower()]
+    try:
+        block = json.loads(text)
+    except json.JSONDecodeError:
+        block = None
+    if not isinstance(block, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(QUANTIZATION_WORDS)} or a JSON block like "
+            f"'{{\"bits\": 4, \"type\": \"nf4\"}}', got {text!r}")
+    return block
 
 
 def _flag_kwargs(annotation: Any) -> dict[str, Any]:
@@ -58,7 +78,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     for name, field in TrainConfig.model_fields.items():
         if name == "lora_config":
             continue
-        _add(parser, name, field.description, **_flag_kwargs(field.annotation))
+        kwargs = ({"type": _parse_quantization, "metavar": "nf4|fp4|8bit|JSON"} if name == "quantization"
+                  else _flag_kwargs(field.annotation))
+        _add(parser, name, field.description, **kwargs)
     lora_fields = LoraSettings.model_fields
     for flag, key in LORA_FLAGS.items():
         kwargs = ({"type": _parse_modules, "metavar": "a,b,c|all-linear"} if key == "target_modules"

@@ -33,6 +33,7 @@ from gpt_service.data.prepare import PreparedData, prepare_data
 from gpt_service.errors import UserError
 from gpt_service.hardware import Precision, choose_precision
 from gpt_service.model_loading import load_causal_lm, load_tokenizer, position_limit
+from gpt_service.quantization import bitsandbytes_config, check_available, keep_trainable_layout
 from gpt_service.training import distributed, launch
 from gpt_service.training.checkpoints import (
     CheckpointError,
@@ -128,12 +129,15 @@ class _Run:
         self.tokenizer = load_tokenizer(config.base_model)
         self.data: PreparedData = prepare_data(config, self.tokenizer)
         self.train_lengths = [len(e) for e in self.data.train]
-        base = load_causal_lm(config.base_model, self.precision.weights_dtype, self.precision.device)
+        base = self._load_base()
         with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; not ours to fix
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             self.model = get_peft_model(base, _lora_config(config))
+        self.checkpointing = bool(config.gradient_checkpointing)
         if config.fast_paths:
-            speed_up(self.model, self.precision)
+            speed_up(self.model, self.precision, self.checkpointing)
+        if self.checkpointing:  # non-reentrant: no inputs that must require a gradient, any autograd inside
+            base.activation_checkpointing_enable({"use_reentrant": False})
         for param in self.model.parameters():  # LoRA weights train in fp32 whatever the base dtype
             if param.requires_grad:
                 param.data = param.data.float()
@@ -159,6 +163,19 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self.last_loss: float | None = None
         self.last_eval_loss: float | None = None
+
+    def _load_base(self) -> Any:
+        quantization = self.config.quantization
+        if quantization is None:
+            return load_causal_lm(self.config.base_model, self.precision.weights_dtype, self.precision.device)
+        check_available(self.precision.device.type)
+        compute = self.precision.autocast_dtype or torch.float32
+        if self.group.is_main:
+            log.info("loading the base in %s (bitsandbytes), computing in %s", quantization.describe(),
+                     str(compute).removeprefix("torch."))
+        return keep_trainable_layout(load_causal_lm(
+            self.config.base_model, self.precision.weights_dtype, self.precision.device,
+            quantization=bitsandbytes_config(quantization, compute)))
 
     @property
     def global_batch(self) -> int:

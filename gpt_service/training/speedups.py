@@ -130,7 +130,9 @@ class LoraDropout(nn.Module):
     returns the same dropped tensor. Those layers then share one mask, as PEFT's do in models with
     a fused projection (GPT-2's `c_attn`, Phi-3's `qkv_proj`), and two of every three draws are
     saved. It holds both tensors only weakly, so the sharing lasts while the first layer keeps
-    the dropped tensor for its backward, which `_LoraDelta` does.
+    the dropped tensor for its backward, which `_LoraDelta` does. Under activation checkpointing
+    each layer gets an instance of its own: the checkpointed forward keeps no dropped tensor to
+    share, and the recompute must draw exactly the masks that forward drew.
     """
 
     def __init__(self, p: float) -> None:
@@ -199,25 +201,39 @@ class _LoraDelta(torch.autograd.Function):
         return grad, grad_dropped, grad_a, grad_b, None
 
 
-def _lean_lora_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """PEFT's `Linear.forward` through `_LoraDelta` in the case training is: one plain adapter, unmerged."""
+def _lean_layer_types() -> tuple[type, ...]:
+    """PEFT's LoRA layers whose branch `_LoraDelta` computes: over a plain linear layer, or a 4- or
+    8-bit one of bitsandbytes (their forwards differ only in casts that `_LoraDelta` makes too)."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
+    except ImportError:  # no bitsandbytes
+        return (LoraLinear,)
+    return LoraLinear, Linear4bit, Linear8bitLt
+
+
+def _lean_lora_forward(layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """PEFT's LoRA forward through `_LoraDelta` in the case training is: one plain adapter, unmerged."""
     adapters = layer.active_adapters
     adapter = adapters[0] if len(adapters) == 1 else None
     if (args or kwargs or not layer.training or layer.disable_adapters or layer.merged or adapter is None
             or adapter not in layer.lora_A or adapter in layer.lora_variant
             or layer.lora_B[adapter].bias is not None):
-        return LoraLinear.forward(layer, x, *args, **kwargs)
+        return type(layer).forward(layer, x, *args, **kwargs)
     return _LoraDelta.apply(layer.base_layer(x), layer.lora_dropout[adapter](x),
                             layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter])
 
 
-def speed_up(model: Any, precision: Precision) -> None:
-    """Make the PEFT model train faster without changing what it saves or (dropout masks aside) computes."""
+def speed_up(model: Any, precision: Precision, checkpointing: bool = False) -> None:
+    """Make the PEFT model train faster without changing what it saves or (dropout masks aside) computes.
+
+    `checkpointing`: the model will recompute its activations in the backward pass (see `LoraDropout`).
+    """
     shared_dropouts: dict[tuple[str, str, float], LoraDropout] = {}
+    lean_types = _lean_layer_types()
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        if type(module) is LoraLinear:
+        if type(module) in lean_types:
             module.forward = types.MethodType(_lean_lora_forward, module)
         else:
             log.debug("lean LoRA branch steps aside for %s: a %s", name, type(module).__name__)
@@ -226,10 +242,10 @@ def speed_up(model: Any, precision: Precision) -> None:
             # straight back for the matmul: two copies of every activation, for nothing.
             module.cast_input_dtype_enabled = False
         if precision.device.type == "cpu":  # CUDA's fused dropout kernel is fast already
-            parent = name.rpartition(".")[0]
+            sharers = name if checkpointing else name.rpartition(".")[0]  # the layer alone, or its parent's
             for adapter, dropout in module.lora_dropout.items():
                 if type(dropout) is nn.Dropout and dropout.p > 0:
-                    key = (parent, adapter, dropout.p)
+                    key = (sharers, adapter, dropout.p)
                     if key not in shared_dropouts:
                         shared_dropouts[key] = LoraDropout(dropout.p)
                     module.lora_dropout[adapter] = shared_dropouts[key]
