@@ -36,6 +36,30 @@ class TrainRequest(_TrainFields, _NeedsFields):  # type: ignore[misc, valid-type
     """The training's fields and what the task needs of a worker (`device`, `num_processes`, `min_memory_gb`)."""
 
 
+class MemoryAnswer(BaseModel):
+    """POST /train/estimate: per training process, in GB; `needed_gb` counts all processes of a CPU run."""
+
+    device: str
+    processes: int
+    quantization: str | None
+    gradient_checkpointing: bool  # as the run would go: as asked, or on where keeping activations would not fit
+    longest_batch: list[int]  # rows, positions
+    weights_gb: float
+    lora_gb: float
+    activations_gb: float
+    activations_without_checkpointing_gb: float
+    activations_with_checkpointing_gb: float
+    head_gb: float
+    runtime_gb: float
+    smallest_gb: float  # with checkpointing and a 4-bit base
+    available_gb: float
+    peak_gb: float
+    needed_gb: float
+    fits: bool
+    total_steps: int
+    eta_seconds: float | None
+
+
 class TrainAccepted(BaseModel):
     task_id: str
     status: str

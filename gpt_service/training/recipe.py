@@ -45,6 +45,7 @@ from gpt_service.training.checkpoints import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from gpt_service.training.memory import GB, estimate_memory
 from gpt_service.training.progress import ProgressCallback, StopCheck, TrainingProgress, TrainingResult
 from gpt_service.training.speedups import clear_caches, speed_up
 from gpt_service.training.tensorboard import with_tensorboard
@@ -129,11 +130,11 @@ class _Run:
         self.tokenizer = load_tokenizer(config.base_model)
         self.data: PreparedData = prepare_data(config, self.tokenizer)
         self.train_lengths = [len(e) for e in self.data.train]
+        self.checkpointing = self._choose_checkpointing()
         base = self._load_base()
         with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; not ours to fix
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             self.model = get_peft_model(base, _lora_config(config))
-        self.checkpointing = bool(config.gradient_checkpointing)
         if config.fast_paths:
             speed_up(self.model, self.precision, self.checkpointing)
         if self.checkpointing:  # non-reentrant: no inputs that must require a gradient, any autograd inside
@@ -163,6 +164,18 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self.last_loss: float | None = None
         self.last_eval_loss: float | None = None
+
+    def _choose_checkpointing(self) -> bool:
+        """As configured; when not, on only where keeping every layer's activations would not fit."""
+        if self.config.gradient_checkpointing is not None:
+            return self.config.gradient_checkpointing
+        estimate = estimate_memory(self.config, self.train_lengths, self.precision.device)
+        estimate.refuse_beyond(estimate.available_bytes, f"this {estimate.device}")
+        if estimate.gradient_checkpointing and self.group.is_main:
+            log.info("gradient checkpointing on: keeping every layer's activations would need %.1f GB, "
+                     "%.1f GB are available", estimate.needed(estimate.peak(False)) / GB,
+                     estimate.available_bytes / GB)
+        return estimate.gradient_checkpointing
 
     def _load_base(self) -> Any:
         quantization = self.config.quantization

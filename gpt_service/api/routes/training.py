@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 from pathlib import Path
@@ -10,14 +11,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 
 from gpt_service.api.responses import errors
-from gpt_service.api.schemas import TrainAccepted, TrainRequest, task_view
+from gpt_service.api.schemas import MemoryAnswer, TrainAccepted, TrainRequest, task_view
 from gpt_service.config import TrainConfig
+from gpt_service.errors import UserError
 from gpt_service.paths import confine
 from gpt_service.settings import ServiceSettings
 from gpt_service.tasks.leases import heartbeat_age
 from gpt_service.tasks.placement import PLACEMENT_KEYS, TaskNeeds
+from gpt_service.tasks.schema import WorkerRecord
 from gpt_service.tasks.store import ACTIVE, STATUSES, Task, TaskStore
 from gpt_service.tasks.submission import ConflictError, NotFoundError, prepare_training
+from gpt_service.training.memory import estimate_memory
 
 router = APIRouter(tags=["training"])
 # OpenAPI links from a new task's id to the calls that take it (clients and API testers follow them).
@@ -30,6 +34,7 @@ TASK_LINKS = {
                                ("cancel", "post", "/train/{task_id}/cancel"),
                                ("resume", "post", "/train/{task_id}/resume")]
 }
+log = logging.getLogger(__name__)
 _submit_lock = threading.Lock()  # the output_dir check and the insert happen as one
 
 
@@ -52,11 +57,32 @@ def existing_task(task_id: str, store: TaskStore) -> Task:
     return task
 
 
-def placement_warning(needs: TaskNeeds, store: TaskStore, lease_seconds: float) -> str | None:
-    """Why the task may wait: no live worker offers what it needs (one may join later, so it is queued)."""
+def fitting_workers(needs: TaskNeeds, store: TaskStore, lease_seconds: float) -> list[WorkerRecord]:
+    """The live workers that offer what the task needs."""
     records, _, now = store.workers()
-    if any(heartbeat_age(r, now) < lease_seconds and needs.met_by(r.device, r.device_count, r.memory_mb)
-           for r in records):
+    return [r for r in records
+            if heartbeat_age(r, now) < lease_seconds and needs.met_by(r.device, r.device_count, r.memory_mb)]
+
+
+def refuse_what_cannot_fit(config: TrainConfig, workers: list[WorkerRecord]) -> None:
+    """Refuse now a run that no live worker has the memory for, even with checkpointing and a 4-bit
+    base, rather than let it die of an out-of-memory later. With no live worker, the task waits."""
+    if not workers:
+        return
+    largest = max(workers, key=lambda r: r.memory_mb)
+    try:
+        estimate = estimate_memory(config)
+    except UserError:
+        raise
+    except Exception:  # an estimate is advice: a model it cannot probe still trains
+        log.warning("no memory estimate for %s", config.base_model, exc_info=True)
+        return
+    estimate.refuse_beyond(largest.memory_mb * 2**20, f"the largest worker ({largest.name})")
+
+
+def placement_warning(needs: TaskNeeds, workers: list[WorkerRecord]) -> str | None:
+    """Why the task may wait: no live worker offers what it needs (one may join later, so it is queued)."""
+    if workers:
         return None
     return (f"no live worker offers {needs.describe()} now; the task waits until one that does takes it "
             "(GET /workers lists the workers)")
@@ -70,13 +96,24 @@ def submit_training(body: TrainRequest, store: Store, settings: Settings) -> dic
     needs = TaskNeeds.from_request(fields)
     training = {k: v for k, v in fields.items() if k not in PLACEMENT_KEYS or k in TrainConfig.model_fields}
     config = prepare_training(training, settings, task_id)  # type: ignore[attr-defined]
+    workers = fitting_workers(needs, store, settings.lease_seconds)  # type: ignore[attr-defined]
+    refuse_what_cannot_fit(config, workers)
     with _submit_lock:
         owner = store.active_output_dir_owner(str(config.output_dir))
         if owner:
             raise ConflictError(f"output_dir {config.output_dir} is in use by task {owner}; wait for it or cancel it")
         store.create(task_id, config.model_dump(mode="json"), config.output_dir, needs=needs.columns())
     return {"task_id": task_id, "status": "pending", "output_dir": config.output_dir,
-            "warning": placement_warning(needs, store, settings.lease_seconds)}  # type: ignore[attr-defined]
+            "warning": placement_warning(needs, workers)}
+
+
+@router.post("/train/estimate", response_model=MemoryAnswer, responses=errors(400, 403, 404, 422))
+def estimate_training(body: TrainRequest, settings: Settings) -> dict[str, Any]:  # type: ignore[valid-type]
+    """The memory the training would need (and have, on this machine), its steps and an ETA; nothing is run."""
+    fields = body.model_dump(exclude_none=True)  # type: ignore[attr-defined]
+    training = {k: v for k, v in fields.items() if k not in PLACEMENT_KEYS or k in TrainConfig.model_fields}
+    config = prepare_training(training, settings, "estimate")  # type: ignore[attr-defined]
+    return estimate_memory(config).as_dict()
 
 
 @router.get("/train/status/{task_id}", responses=errors(404))

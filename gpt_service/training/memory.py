@@ -1,0 +1,355 @@
+"""Will it fit? The memory a training run needs, and the memory it has, before it starts.
+
+The parts, for one training process:
+- the frozen base: every parameter counted on a model built on PyTorch's meta device (no memory,
+  no weights read), at the weights' dtype, or at bitsandbytes' 4 or 8 bits (plus their scales) for
+  the linear layers of a quantized base;
+- the LoRA weights, their gradients and AdamW's two moments: 16 bytes a LoRA parameter;
+- the activations kept for the backward pass at the run's longest micro-batch: measured, not
+  guessed, by a probe that runs one and two decoder layers of the real width (a tiny vocabulary,
+  the run's LoRA, precision and fast paths) and records what autograd saves; the difference is one
+  layer's bytes per token (plus the attention's scores, which grow with the length, where our CPU
+  attention keeps them). With activation checkpointing, each layer keeps only its input, and one
+  layer's activations exist at a time, during its recompute;
+- the output head and loss: a few blocks of logits for the fused head loss, the whole
+  (tokens x vocabulary) logits, upcast, and their gradient otherwise;
+- what a training process holds before any model (Python, PyTorch, transformers, the data).
+The probe times its layers too, which gives the ETA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from gpt_service.config import QuantizationSettings, TrainConfig
+from gpt_service.data.batching import PAD_TO_MULTIPLE_OF, epoch_batches, round_up
+from gpt_service.errors import UserError
+from gpt_service.hardware import Precision, available_memory, choose_precision
+from gpt_service.model_sources import ModelSourceError, resolve_model_source
+from gpt_service.training.loss import FP32_BLOCK_ELEMENTS
+from gpt_service.training.speedups import _MATMUL_ATTENTION_MAX_SCORES, speed_up
+
+log = logging.getLogger(__name__)
+
+GB = 1 << 30
+# What a training process holds before its model, measured on a CPU (RSS after importing torch,
+# transformers, peft and our recipe: 0.47 GB) plus room for the tokenizer and the glibc arenas.
+RUNTIME_BYTES = int(0.75 * GB)
+# Bytes per parameter of a quantized linear layer: 4 bits plus a 64-block's fp32 scale (quantized
+# again to 8 bits with double quantization), or 8 bits plus a row's scale.
+QUANTIZED_BYTES = {(4, True): 0.5 + 1 / 64 + 4 / (64 * 256), (4, False): 0.5 + 4 / 64, (8, True): 1.0, (8, False): 1.0}
+# Backward-pass room beyond what autograd saved: the gradients flowing through the layer being
+# differentiated, about one layer's activations again (measured against peak RSS in bench/train_memory.py).
+BACKWARD_ROOM = 1.0
+PROBE_LENGTHS = (64, 128)
+
+
+class DoesNotFit(UserError):
+    """A run that needs more memory than the machine has, even with every saving on."""
+
+
+@dataclass(frozen=True)
+class LayerProbe:
+    """One decoder layer, measured: activation bytes per token (at length 0, and per token of length)."""
+
+    bytes_per_token: float  # kept for the backward, independent of the length
+    attention_bytes_per_token_per_position: float  # the attention's scores (our CPU attention keeps them)
+    checkpointed_bytes_per_token: float  # with activation checkpointing: the layer's input
+    other_bytes_per_token: float  # outside the layers: embeddings, the head's input
+    seconds_per_token: float  # forward and backward
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes each part needs, per training process, and the memory there is."""
+
+    device: str
+    processes: int
+    quantization: str | None
+    gradient_checkpointing: bool
+    longest_batch: tuple[int, int]  # (rows, positions) of the largest micro-batch
+    weights_bytes: int
+    lora_bytes: int
+    activations_bytes: int  # as the run will go (gradient_checkpointing as chosen)
+    activations_without_checkpointing_bytes: int
+    activations_with_checkpointing_bytes: int
+    head_bytes: int
+    runtime_bytes: int
+    smallest_bytes: int  # the peak with checkpointing and a 4-bit base: the least this run can take
+    available_bytes: int
+    total_steps: int
+    eta_seconds: float | None
+
+    def peak(self, checkpointing: bool | None = None) -> int:
+        """The peak of one process, with checkpointing as chosen or as asked."""
+        chosen = self.gradient_checkpointing if checkpointing is None else checkpointing
+        activations = (self.activations_with_checkpointing_bytes if chosen
+                       else self.activations_without_checkpointing_bytes)
+        return self.weights_bytes + self.lora_bytes + activations + self.head_bytes + self.runtime_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak()
+
+    def needed(self, peak: int | None = None) -> int:
+        """All processes of a CPU run share the machine's memory; each GPU process has its own device."""
+        return (self.peak_bytes if peak is None else peak) * (self.processes if self.device == "cpu" else 1)
+
+    def refuse_beyond(self, memory: int, where: str) -> None:
+        """Raise `DoesNotFit` when even checkpointing and a 4-bit base need more than `memory` bytes."""
+        least = self.needed(self.smallest_bytes)
+        if least > memory:
+            raise DoesNotFit(
+                f"this run needs at least {least / GB:.1f} GB even with gradient_checkpointing and a 4-bit "
+                f"base (its longest batch: {self.longest_batch[0]} x {self.longest_batch[1]} tokens), but "
+                f"{where} has {memory / GB:.1f} GB; lower batch_size or max_length, or use a machine with "
+                "more memory (or more processes with distributed: fsdp)")
+
+    @property
+    def fits(self) -> bool:
+        return self.needed() <= self.available_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        fields = asdict(self)
+        fields["longest_batch"] = list(self.longest_batch)
+        gb = {k.removesuffix("_bytes") + "_gb": round(v / GB, 3) for k, v in fields.items() if k.endswith("_bytes")}
+        others = {k: v for k, v in fields.items() if not k.endswith("_bytes")}
+        return {**others, **gb, "peak_gb": round(self.peak_bytes / GB, 3),
+                "needed_gb": round(self.needed() / GB, 3), "fits": self.fits}
+
+
+def _meta_model(model_config: Any) -> Any:
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def _linear_names(model: Any) -> set[str]:
+    """The quantizable linear layers: bitsandbytes skips the output head."""
+    head = model.get_output_embeddings()
+    return {name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head}
+
+
+def weights_bytes(model: Any, dtype: torch.dtype, config: TrainConfig) -> int:
+    """The frozen base's bytes: each parameter once (tied ones too), quantized where it will be."""
+    quantization = config.quantization
+    size = torch.tensor([], dtype=dtype).element_size()
+    quantized = _linear_names(model) if quantization else set()
+    total = 0.0
+    for name, param in model.named_parameters():  # named_parameters yields a tied parameter once
+        module = name.rpartition(".")[0]
+        if quantization and module in quantized and name.endswith(".weight"):
+            total += param.numel() * QUANTIZED_BYTES[quantization.bits, quantization.double_quant]
+        else:
+            total += param.numel() * size
+    return int(total)
+
+
+def lora_parameters(model: Any, config: TrainConfig) -> int:
+    """The LoRA parameters PEFT would add to `model` (a meta model: nothing is allocated)."""
+    lora = config.lora_config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+            r=lora.r, lora_alpha=lora.lora_alpha, target_modules=lora.target_modules, bias=lora.bias))
+    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+def _probe_config(model_config: Any, layers: int) -> Any:
+    probe = copy.deepcopy(model_config)
+    probe.num_hidden_layers = layers
+    for key in ("layer_types", "sliding_window_pattern"):  # per-layer lists follow the layer count
+        value = getattr(probe, key, None)
+        if isinstance(value, list):
+            setattr(probe, key, value[:layers])
+    probe.vocab_size = 256
+    return probe
+
+
+@contextlib.contextmanager
+def _saved_bytes(parameters: set[int]) -> Iterator[list[int]]:
+    """Count the bytes autograd saves for the backward inside the block, each storage once, parameters aside."""
+    seen: dict[int, int] = {}
+    total = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters and storage.device.type != "meta":
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield total
+    total[0] = sum(seen.values())
+
+
+def _run_probe(model_config: Any, config: TrainConfig, precision: Precision, layers: int,
+               checkpointing: bool) -> list[tuple[int, float]]:
+    """(saved bytes, seconds) of one forward and backward at each probe length, `layers` layers."""
+    from gpt_service.training.loss import summed_token_loss
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_config(_probe_config(model_config, layers), dtype=precision.weights_dtype)
+        lora = config.lora_config
+        model = get_peft_model(base, LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, bias=lora.bias,
+                                                target_modules=lora.target_modules, lora_dropout=lora.lora_dropout))
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    if config.fast_paths:
+        speed_up(model, precision, checkpointing)
+    if checkpointing:
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    model.to(precision.device).train()
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    autocast = (torch.autocast(precision.device.type, dtype=precision.autocast_dtype) if precision.autocast_dtype
+                else contextlib.nullcontext())
+    results = []
+    for length in PROBE_LENGTHS:
+        ids = torch.randint(0, 256, (1, length), device=precision.device)
+        batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+        started = time.perf_counter()
+        with _saved_bytes(parameters) as saved, autocast:
+            summed, _ = summed_token_loss(model, batch)
+        summed.backward()
+        results.append((saved[0], time.perf_counter() - started))
+    return results
+
+
+def probe_layer(model_config: Any, config: TrainConfig, precision: Precision) -> LayerProbe:
+    """Measure one decoder layer of the real width: what it keeps per token, and how long it takes."""
+    one, two = (_run_probe(model_config, config, precision, n, checkpointing=False) for n in (1, 2))
+    one_ckpt, two_ckpt = (_run_probe(model_config, config, precision, n, checkpointing=True) for n in (1, 2))
+    (short, long_) = PROBE_LENGTHS
+    layer = [(b2 - b1) / length for (b1, _), (b2, _), length in zip(one, two, PROBE_LENGTHS, strict=True)]
+    per_position = max((layer[1] - layer[0]) / (long_ - short), 0.0)
+    constant = layer[1] - per_position * long_
+    seconds = two[1][1] / (2 * long_)  # the head's share rides along
+    return LayerProbe(
+        bytes_per_token=max(constant, 0.0), attention_bytes_per_token_per_position=per_position,
+        checkpointed_bytes_per_token=(two_ckpt[1][0] - one_ckpt[1][0]) / long_,
+        other_bytes_per_token=max(one[1][0] / long_ - layer[1], 0.0), seconds_per_token=seconds,
+    )
+
+
+def _attention_keeps_scores(rows: int, positions: int, model_config: Any, precision: Precision,
+                            config: TrainConfig) -> bool:
+    """Whether our CPU attention (which keeps the scores) runs at this shape; SDPA keeps none."""
+    heads = getattr(model_config, "num_attention_heads", 1)
+    return (config.fast_paths and precision.device.type == "cpu"
+            and rows * heads * positions * positions <= _MATMUL_ATTENTION_MAX_SCORES)
+
+
+def head_bytes(model_config: Any, rows: int, positions: int, precision: Precision, fused: bool) -> int:
+    """The output head's working memory: the fused head loss's logit blocks, or the whole logits."""
+    vocab = model_config.vocab_size
+    if fused:  # a few fp32 blocks of logits and their gradient
+        return int(4 * FP32_BLOCK_ELEMENTS * 4 * 4)
+    compute = 2 if precision.autocast_dtype else 4
+    return int(rows * positions * vocab * (compute + 4 + 4))  # the logits, upcast, and their gradient
+
+
+def longest_batch(lengths: list[int], config: TrainConfig) -> tuple[int, int]:
+    """(rows, padded positions) of the run's largest micro-batch, as the data order will make them."""
+    batches = epoch_batches(lengths, config.batch_size, config.seed, 0)
+    widest = max(batches, key=lambda batch: len(batch) * max(lengths[i] for i in batch))
+    return len(widest), round_up(max(lengths[i] for i in widest), PAD_TO_MULTIPLE_OF)
+
+
+def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
+                    device: torch.device | None = None) -> MemoryEstimate:
+    """The memory `config` needs per process and the memory available, with an ETA from a probe.
+
+    `lengths`: the training samples' token counts; read (and cached) from the dataset when omitted.
+    """
+    precision = choose_precision(config.fp16, config.bf16)
+    device = device or precision.device
+    source, local_only = resolve_model_source(config.base_model)
+    try:
+        model_config = AutoConfig.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"cannot read the configuration of {config.base_model}: {exc}") from exc
+    if lengths is None:
+        lengths = _dataset_lengths(config)
+    meta = _meta_model(model_config)
+    layers = model_config.num_hidden_layers
+    rows, positions = longest_batch(lengths, config)
+    tokens = rows * positions
+    probe = probe_layer(model_config, config, precision)
+    per_layer = probe.bytes_per_token
+    if _attention_keeps_scores(rows, positions, model_config, precision, config):
+        per_layer += probe.attention_bytes_per_token_per_position * positions
+    one_layer = tokens * per_layer * (1 + BACKWARD_ROOM)
+    outside = tokens * probe.other_bytes_per_token
+    plain = int(layers * tokens * per_layer + tokens * per_layer * BACKWARD_ROOM + outside)
+    checkpointed = int(layers * tokens * probe.checkpointed_bytes_per_token + one_layer + outside)
+    fused = config.fast_paths and not getattr(model_config, "final_logit_softcapping", None)
+    steps_per_epoch = math.ceil(math.ceil(len(lengths) / (config.batch_size * config.num_processes))
+                                / config.gradient_accumulation_steps)
+    available = available_memory(device)
+    weights = weights_bytes(meta, precision.weights_dtype, config)
+    fixed = (weights + 16 * lora_parameters(meta, config)
+             + head_bytes(model_config, rows, positions, precision, fused) + RUNTIME_BYTES)
+    processes = config.num_processes if device.type == "cpu" else 1
+    chosen = config.gradient_checkpointing
+    if chosen is None:  # keep the activations where they fit, with a tenth of the memory to spare
+        chosen = (fixed + plain) * processes > 0.9 * available
+    slowdown = 4 / 3 if chosen else 1.0  # the recompute: one more forward pass
+    eta = sum(lengths) * config.num_epochs * layers * probe.seconds_per_token * slowdown / config.num_processes
+    four_bit = config if config.quantization else config.model_copy(update={"quantization": QuantizationSettings()})
+    return MemoryEstimate(
+        device=device.type, processes=config.num_processes,
+        quantization=config.quantization.describe() if config.quantization else None,
+        gradient_checkpointing=chosen, longest_batch=(rows, positions),
+        weights_bytes=weights, lora_bytes=16 * lora_parameters(meta, config),
+        activations_bytes=checkpointed if chosen else plain,
+        activations_without_checkpointing_bytes=plain, activations_with_checkpointing_bytes=checkpointed,
+        head_bytes=head_bytes(model_config, rows, positions, precision, fused), runtime_bytes=RUNTIME_BYTES,
+        smallest_bytes=fixed - weights + weights_bytes(meta, precision.weights_dtype, four_bit) + checkpointed,
+        available_bytes=available, total_steps=steps_per_epoch * config.num_epochs, eta_seconds=round(eta, 1),
+    )
+
+
+def _dataset_lengths(config: TrainConfig) -> list[int]:
+    from gpt_service.data.prepare import prepare_data
+    from gpt_service.model_loading import load_tokenizer
+
+    data = prepare_data(config, load_tokenizer(config.base_model))
+    return [len(example) for example in data.train]
+
+
+def describe(estimate: MemoryEstimate) -> str:
+    """The estimate as a few lines for a terminal."""
+    gb = estimate.as_dict()
+    rows, positions = estimate.longest_batch
+    lines = [
+        f"longest micro-batch: {rows} x {positions} tokens; {estimate.total_steps} optimizer steps",
+        f"  base weights ({estimate.quantization or 'unquantized'}): {gb['weights_gb']:.2f} GB",
+        f"  LoRA weights, gradients, AdamW state: {gb['lora_gb']:.2f} GB",
+        f"  activations: {gb['activations_without_checkpointing_gb']:.2f} GB kept, "
+        f"{gb['activations_with_checkpointing_gb']:.2f} GB with gradient checkpointing",
+        f"  output head and loss: {gb['head_gb']:.2f} GB; runtime: {gb['runtime_gb']:.2f} GB",
+        f"needs {gb['needed_gb']:.2f} GB with gradient_checkpointing "
+        f"{'on' if estimate.gradient_checkpointing else 'off'} ({estimate.processes} process(es)); "
+        f"at least {estimate.needed(estimate.smallest_bytes) / GB:.2f} GB with checkpointing and a 4-bit base",
+        f"available on this {estimate.device}: {gb['available_gb']:.2f} GB: "
+        + ("fits" if estimate.fits else "does NOT fit"),
+    ]
+    if estimate.eta_seconds is not None:
+        lines.append(f"ETA about {estimate.eta_seconds / 60:.1f} min (from a probe of one layer)")
+    return "\n".join(lines)
