@@ -55,6 +55,7 @@ class MemoryAnswer(BaseModel):
     available_gb: float
     peak_gb: float
     needed_gb: float
+    least_needed_gb: float  # smallest_gb, for all processes
     fits: bool
     total_steps: int
     eta_seconds: float | None

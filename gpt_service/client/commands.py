@@ -16,6 +16,7 @@ from gpt_service.client.errors import OK, SERVICE_ERROR, UsageError
 from gpt_service.client.follow import follow, report_end
 from gpt_service.client.http import ApiClient
 from gpt_service.client.render import (
+    describe_estimate,
     history_table,
     models_table,
     number,
@@ -86,6 +87,10 @@ def training_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def train(api: ApiClient, args: argparse.Namespace) -> int:
+    if args.estimate:
+        answer = api.call("POST", "/train/estimate", body=training_body(args))
+        print_json(answer) if args.json else print(describe_estimate(answer))
+        return OK
     return queued(api, args, api.call("POST", "/train", body=training_body(args)), show_training)
 
 

@@ -107,3 +107,24 @@ def stdout_console() -> Console:
 
 def print_table(table: Table) -> None:
     stdout_console().print(table)
+
+
+def describe_estimate(answer: dict[str, Any]) -> str:
+    """An estimate (`MemoryEstimate.as_dict()`, or POST /train/estimate's answer) as lines for a terminal."""
+    rows, positions = answer["longest_batch"]
+    lines = [
+        f"longest micro-batch: {rows} x {positions} tokens; {answer['total_steps']} optimizer steps",
+        f"  base weights ({answer['quantization'] or 'unquantized'}): {answer['weights_gb']:.2f} GB",
+        f"  LoRA weights, gradients, AdamW state: {answer['lora_gb']:.2f} GB",
+        f"  activations: {answer['activations_without_checkpointing_gb']:.2f} GB kept, "
+        f"{answer['activations_with_checkpointing_gb']:.2f} GB with gradient checkpointing",
+        f"  output head and loss: {answer['head_gb']:.2f} GB; runtime: {answer['runtime_gb']:.2f} GB",
+        f"needs {answer['needed_gb']:.2f} GB with gradient_checkpointing "
+        f"{'on' if answer['gradient_checkpointing'] else 'off'} ({answer['processes']} process(es)); "
+        f"at least {answer['least_needed_gb']:.2f} GB with checkpointing and a 4-bit base",
+        f"available on this {answer['device']}: {answer['available_gb']:.2f} GB: "
+        + ("fits" if answer["fits"] else "does NOT fit"),
+    ]
+    if answer["eta_seconds"] is not None:
+        lines.append(f"ETA about {answer['eta_seconds'] / 60:.1f} min (from a probe of one layer)")
+    return "\n".join(lines)

@@ -81,6 +81,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs = ({"type": _parse_quantization, "metavar": "nf4|fp4|8bit|JSON"} if name == "quantization"
                   else _flag_kwargs(field.annotation))
         _add(parser, name, field.description, **kwargs)
+    parser.add_argument("--estimate", action="store_true",
+                        help="print the memory the run needs and has, its steps and an ETA, and exit")
     lora_fields = LoraSettings.model_fields
     for flag, key in LORA_FLAGS.items():
         kwargs = ({"type": _parse_modules, "metavar": "a,b,c|all-linear"} if key == "target_modules"

@@ -16,10 +16,12 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from gpt_service.client.render import describe_estimate
 from gpt_service.config import build_train_config
 from gpt_service.errors import UserError
 from gpt_service.training import launch
 from gpt_service.training.arguments import add_training_arguments, overrides_from_args
+from gpt_service.training.memory import estimate_memory
 from gpt_service.training.progress import TrainingProgress
 from gpt_service.training.recipe import run_lora_finetune
 
@@ -60,6 +62,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     main_rank = launch.rank() == 0
     try:
         config = build_train_config(overrides_from_args(args), args.config)
+        if args.estimate:
+            print(describe_estimate(estimate_memory(config).as_dict()))
+            return 0
         options = launch.launch_options(args, config.num_processes, config.max_restarts)
         if options.wanted and not launch.is_rank():
             return _launch(options, argv)

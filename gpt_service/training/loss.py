@@ -30,7 +30,7 @@ from gpt_service.data.examples import IGNORE_INDEX
 # Logit elements per block at most (bf16: 16 MiB, 256 rows at a 32k vocabulary): what stays in a
 # CPU's last-level cache between the matrix multiply, the softmax and the gradient's matrix
 # multiply; 512-row blocks make the head 15% slower.
-_BLOCK_ELEMENTS = 1 << 23
+BLOCK_ELEMENTS = 1 << 23
 # Without a gradient the logits are upcast to fp32; blocks of 64 rows (at 32k) stay in the CPU's
 # cache between the upcast and the log-sum-exp, which makes that path 1.6x faster.
 FP32_BLOCK_ELEMENTS = 1 << 21
@@ -92,7 +92,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         want_grad = hidden.requires_grad
         n = hidden.shape[0]
-        budget = (_BLOCK_ELEMENTS if want_grad else FP32_BLOCK_ELEMENTS) // weight.shape[0]
+        budget = (BLOCK_ELEMENTS if want_grad else FP32_BLOCK_ELEMENTS) // weight.shape[0]
         most_rows = max(_ROW_MULTIPLE, budget // _ROW_MULTIPLE * _ROW_MULTIPLE)
         rows = round_up(math.ceil(n / math.ceil(n / most_rows)), _ROW_MULTIPLE)  # equal blocks
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)

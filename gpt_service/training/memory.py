@@ -33,13 +33,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from gpt_service.config import QuantizationSettings, TrainConfig
+from gpt_service.config import ConfigError, QuantizationSettings, TrainConfig
 from gpt_service.data.batching import PAD_TO_MULTIPLE_OF, epoch_batches, round_up
 from gpt_service.errors import UserError
 from gpt_service.hardware import Precision, available_memory, choose_precision
 from gpt_service.model_sources import ModelSourceError, resolve_model_source
-from gpt_service.training.loss import FP32_BLOCK_ELEMENTS
-from gpt_service.training.speedups import _MATMUL_ATTENTION_MAX_SCORES, speed_up
+from gpt_service.training.loss import BLOCK_ELEMENTS
+from gpt_service.training.speedups import MATMUL_ATTENTION_MAX_SCORES, speed_up
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,10 @@ class MemoryEstimate:
     def as_dict(self) -> dict[str, Any]:
         fields = asdict(self)
         fields["longest_batch"] = list(self.longest_batch)
-        gb = {k.removesuffix("_bytes") + "_gb": round(v / GB, 3) for k, v in fields.items() if k.endswith("_bytes")}
+        gb = {k.removesuffix("_bytes") + "_gb": round(v / GB, 6) for k, v in fields.items() if k.endswith("_bytes")}
         others = {k: v for k, v in fields.items() if not k.endswith("_bytes")}
-        return {**others, **gb, "peak_gb": round(self.peak_bytes / GB, 3),
-                "needed_gb": round(self.needed() / GB, 3), "fits": self.fits}
+        return {**others, **gb, "peak_gb": round(self.peak_bytes / GB, 6), "needed_gb": round(self.needed() / GB, 6),
+                "least_needed_gb": round(self.needed(self.smallest_bytes) / GB, 6), "fits": self.fits}
 
 
 def _meta_model(model_config: Any) -> Any:
@@ -161,10 +161,13 @@ def weights_bytes(model: Any, dtype: torch.dtype, config: TrainConfig) -> int:
 def lora_parameters(model: Any, config: TrainConfig) -> int:
     """The LoRA parameters PEFT would add to `model` (a meta model: nothing is allocated)."""
     lora = config.lora_config
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
-            r=lora.r, lora_alpha=lora.lora_alpha, target_modules=lora.target_modules, bias=lora.bias))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+                r=lora.r, lora_alpha=lora.lora_alpha, target_modules=lora.target_modules, bias=lora.bias))
+    except ValueError as exc:  # target modules the model does not have
+        raise ConfigError(f"lora_config.target_modules: {exc}") from exc
     return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
@@ -176,6 +179,7 @@ def _probe_config(model_config: Any, layers: int) -> Any:
         if isinstance(value, list):
             setattr(probe, key, value[:layers])
     probe.vocab_size = 256
+    probe.use_cache = False
     return probe
 
 
@@ -252,16 +256,16 @@ def _attention_keeps_scores(rows: int, positions: int, model_config: Any, precis
     """Whether our CPU attention (which keeps the scores) runs at this shape; SDPA keeps none."""
     heads = getattr(model_config, "num_attention_heads", 1)
     return (config.fast_paths and precision.device.type == "cpu"
-            and rows * heads * positions * positions <= _MATMUL_ATTENTION_MAX_SCORES)
+            and rows * heads * positions * positions <= MATMUL_ATTENTION_MAX_SCORES)
 
 
 def head_bytes(model_config: Any, rows: int, positions: int, precision: Precision, fused: bool) -> int:
-    """The output head's working memory: the fused head loss's logit blocks, or the whole logits."""
-    vocab = model_config.vocab_size
-    if fused:  # a few fp32 blocks of logits and their gradient
-        return int(4 * FP32_BLOCK_ELEMENTS * 4 * 4)
+    """The output head's working memory: the fused head loss's block of logits (in the compute dtype,
+    upcast, and its gradient) and the hidden states it reads, or else the whole logits likewise."""
+    tokens, vocab = rows * positions, model_config.vocab_size
     compute = 2 if precision.autocast_dtype else 4
-    return int(rows * positions * vocab * (compute + 4 + 4))  # the logits, upcast, and their gradient
+    logits = min(tokens * vocab, BLOCK_ELEMENTS) if fused else tokens * vocab
+    return int(logits * (compute + 4 + 4) + 2 * tokens * model_config.hidden_size * compute)
 
 
 def longest_batch(lengths: list[int], config: TrainConfig) -> tuple[int, int]:
@@ -332,24 +336,3 @@ def _dataset_lengths(config: TrainConfig) -> list[int]:
     data = prepare_data(config, load_tokenizer(config.base_model))
     return [len(example) for example in data.train]
 
-
-def describe(estimate: MemoryEstimate) -> str:
-    """The estimate as a few lines for a terminal."""
-    gb = estimate.as_dict()
-    rows, positions = estimate.longest_batch
-    lines = [
-        f"longest micro-batch: {rows} x {positions} tokens; {estimate.total_steps} optimizer steps",
-        f"  base weights ({estimate.quantization or 'unquantized'}): {gb['weights_gb']:.2f} GB",
-        f"  LoRA weights, gradients, AdamW state: {gb['lora_gb']:.2f} GB",
-        f"  activations: {gb['activations_without_checkpointing_gb']:.2f} GB kept, "
-        f"{gb['activations_with_checkpointing_gb']:.2f} GB with gradient checkpointing",
-        f"  output head and loss: {gb['head_gb']:.2f} GB; runtime: {gb['runtime_gb']:.2f} GB",
-        f"needs {gb['needed_gb']:.2f} GB with gradient_checkpointing "
-        f"{'on' if estimate.gradient_checkpointing else 'off'} ({estimate.processes} process(es)); "
-        f"at least {estimate.needed(estimate.smallest_bytes) / GB:.2f} GB with checkpointing and a 4-bit base",
-        f"available on this {estimate.device}: {gb['available_gb']:.2f} GB: "
-        + ("fits" if estimate.fits else "does NOT fit"),
-    ]
-    if estimate.eta_seconds is not None:
-        lines.append(f"ETA about {estimate.eta_seconds / 60:.1f} min (from a probe of one layer)")
-    return "\n".join(lines)

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 CPU_ATTENTION = "gpt_service_cpu"
 # Batched-matmul attention keeps its (batch x heads x length^2) scores for the backward; above this
 # many per layer, PyTorch's flash kernel (which does not) is used instead.
-_MATMUL_ATTENTION_MAX_SCORES = 1 << 25
+MATMUL_ATTENTION_MAX_SCORES = 1 << 25
 
 
 class _GroupedMask(threading.local):
@@ -80,7 +80,7 @@ def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     batch, heads, length, head_dim = query.shape
     kv_heads = key.shape[1]
     if (query.device.type != "cpu" or dropout or key.shape[2] != length or heads % kv_heads
-            or batch * heads * length * length > _MATMUL_ATTENTION_MAX_SCORES
+            or batch * heads * length * length > MATMUL_ATTENTION_MAX_SCORES
             or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1
                                                 or attention_mask.shape[-2:] != (length, length)))
             or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None):
