@@ -291,6 +291,7 @@ def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
     if lengths is None:
         lengths = _dataset_lengths(config)
     meta = _meta_model(model_config)
+    lora_bytes = 16 * lora_parameters(meta, config)  # first: it names target modules the model lacks
     layers = model_config.num_hidden_layers
     rows, positions = longest_batch(lengths, config)
     tokens = rows * positions
@@ -307,7 +308,7 @@ def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
                                 / config.gradient_accumulation_steps)
     available = available_memory(device)
     weights = weights_bytes(meta, precision.weights_dtype, config)
-    fixed = (weights + 16 * lora_parameters(meta, config)
+    fixed = (weights + lora_bytes
              + head_bytes(model_config, rows, positions, precision, fused) + RUNTIME_BYTES)
     processes = config.num_processes if device.type == "cpu" else 1
     chosen = config.gradient_checkpointing
@@ -320,7 +321,7 @@ def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
         device=device.type, processes=config.num_processes,
         quantization=config.quantization.describe() if config.quantization else None,
         gradient_checkpointing=chosen, longest_batch=(rows, positions),
-        weights_bytes=weights, lora_bytes=16 * lora_parameters(meta, config),
+        weights_bytes=weights, lora_bytes=lora_bytes,
         activations_bytes=checkpointed if chosen else plain,
         activations_without_checkpointing_bytes=plain, activations_with_checkpointing_bytes=checkpointed,
         head_bytes=head_bytes(model_config, rows, positions, precision, fused), runtime_bytes=RUNTIME_BYTES,
