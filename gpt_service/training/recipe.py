@@ -175,7 +175,7 @@ class _Run:
             log.info("gradient checkpointing on: keeping every layer's activations would need %.1f GB, "
                      "%.1f GB are available", estimate.needed(estimate.peak(False)) / GB,
                      estimate.available_bytes / GB)
-        return estimate.gradient_checkpointing
+        return distributed.any_rank(self.group, estimate.gradient_checkpointing)  # all ranks alike
 
     def _load_base(self) -> Any:
         quantization = self.config.quantization
