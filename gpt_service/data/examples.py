@@ -10,6 +10,7 @@ token equal to EOS cannot hide it.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from gpt_service.data.tokenized import TokenizedSet, id_dtype
 Segment = tuple[str, bool]  # (text, is the answer)
 
 RECORD_KINDS = 'text, messages, instruction/output or prompt/completion'
-# Records tokenized in one batch call: large enough for the tokenizer's threads to share the work,
-# small enough that their texts and Python id lists stay a few tens of MB.
-CHUNK_RECORDS = 2048
+# Characters of segment text tokenized in one batch call: enough for the tokenizer's threads to share
+# the work, few enough that the tokenizer's per-token records (ids, offsets, token strings: about 100
+# bytes a token) and the Python lists of ids stay a few tens of MB.
+CHUNK_CHARS = 1 << 19
 
 
 @dataclass(frozen=True)
@@ -100,16 +102,33 @@ class _Chunk:
     leads: list[bool]
 
 
-def _segment_chunk(tokenizer: Any, records: list[Record], first: int, train_on_prompt: bool,
-                   source: str | Path) -> _Chunk:
-    chunk = _Chunk([], [], [], [])
-    for index, record in enumerate(records, start=first):
+def _chunks(tokenizer: Any, records: list[Record], train_on_prompt: bool, source: str | Path) -> Iterator[_Chunk]:
+    """The records' segments, checked, in chunks of about `CHUNK_CHARS` characters."""
+    chunk, chars = _Chunk([], [], [], []), 0
+    for index, record in enumerate(records):
         segments = record_segments(tokenizer, record, f"{source}: record {index + 1}")
         chunk.texts.extend(text for text, _ in segments)
         chunk.trained.extend(is_answer or train_on_prompt for _, is_answer in segments)
         chunk.segment_counts.append(len(segments))
         chunk.leads.append("messages" not in record)  # a chat template writes its own specials
-    return chunk
+        chars += sum(len(text) for text, _ in segments)
+        if chars >= CHUNK_CHARS:
+            yield chunk
+            chunk, chars = _Chunk([], [], [], []), 0
+    if chunk.leads:
+        yield chunk
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """The ids of each text, without special tokens, in one call that spreads the texts over the cores.
+
+    A fast tokenizer's own `encode_batch_fast` gives the ids of `tokenizer(texts)` without computing
+    the character offsets that nothing here reads.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
 
 
 class _Builder:
@@ -176,12 +195,9 @@ def tokenize_records(
     """Tokenize every record into a sample, truncating to `max_length`.
 
     Records go in chunks: each chunk's segment texts are built first (checking the records), then
-    tokenized in one batch call of the fast tokenizer, which spreads them over the cores.
+    tokenized in one batch call.
     """
     builder = _Builder(tokenizer, max_length)
-    for first in range(0, len(records), CHUNK_RECORDS):
-        chunk = _segment_chunk(tokenizer, records[first : first + CHUNK_RECORDS], first, train_on_prompt, source)
-        encoded = tokenizer(chunk.texts, add_special_tokens=False, return_attention_mask=False,
-                            return_token_type_ids=False)
-        builder.add(chunk, encoded["input_ids"])
+    for chunk in _chunks(tokenizer, records, train_on_prompt, source):
+        builder.add(chunk, _encode(tokenizer, chunk.texts))
     return builder.result()

@@ -20,7 +20,9 @@ from tests.data.test_examples import CHAT
 
 
 class Counted:
-    """Counts the texts and chats a tokenizer is asked to encode or render, through any of its classes."""
+    """Counts the calls that encode text or render chats, on a tokenizer or on its Rust backend."""
+
+    ENCODING = ("encode", "encode_batch", "encode_batch_fast")
 
     def __init__(self, tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
@@ -28,12 +30,21 @@ class Counted:
         cls = type(tokenizer)
         for name in ("__call__", "encode", "apply_chat_template"):
             monkeypatch.setattr(cls, name, self._counting(getattr(cls, name)))
+        monkeypatch.setattr(cls, "backend_tokenizer", property(lambda tok: self._Backend(tok._tokenizer, self)))
 
     def _counting(self, method: Callable) -> Callable:
         def counted(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
             return method(*args, **kwargs)
         return counted
+
+    class _Backend:
+        def __init__(self, backend: Any, counter: Counted) -> None:
+            self.backend, self.counter = backend, counter
+
+        def __getattr__(self, name: str) -> Any:
+            value = getattr(self.backend, name)
+            return self.counter._counting(value) if name in Counted.ENCODING else value
 
 
 @pytest.fixture

@@ -37,7 +37,13 @@ def llama_style_tokenizer() -> PreTrainedTokenizerFast:
                                    chat_template=LLAMA_TEMPLATE)
 
 
-@pytest.fixture(scope="module", params=["qwen2-chatml", "no-template", "llama-style-bos"])
+class WithoutBackend(PreTrainedTokenizerFast):
+    """As a slow (pure Python) tokenizer shows itself: no `backend_tokenizer`, only its call."""
+
+    backend_tokenizer = None
+
+
+@pytest.fixture(scope="module", params=["qwen2-chatml", "no-template", "llama-style-bos", "without-backend"])
 def any_tokenizer(request: pytest.FixtureRequest, tiny_model: Path) -> Any:
     if request.param == "llama-style-bos":
         return llama_style_tokenizer()
@@ -45,6 +51,9 @@ def any_tokenizer(request: pytest.FixtureRequest, tiny_model: Path) -> Any:
     if request.param == "no-template":
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.chat_template = None
+    if request.param == "without-backend":
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.__class__ = WithoutBackend
     return tokenizer
 
 
@@ -74,7 +83,7 @@ RECORDS = [*RECORD_KINDS.values(), {"text": "ends with its EOS already"}, {"text
 @pytest.mark.parametrize("max_length", [12, 512])
 def test_batched_tokens_equal_one_call_per_segment(any_tokenizer: Any, train_on_prompt: bool, max_length: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(examples_module, "CHUNK_RECORDS", 3)  # records spread over several batch calls
+    monkeypatch.setattr(examples_module, "CHUNK_CHARS", 100)  # records spread over several batch calls
     records = [*RECORDS, {"text": "ends with its EOS already" + any_tokenizer.eos_token}]
     data = tokenize_records(any_tokenizer, records, max_length=max_length, train_on_prompt=train_on_prompt,
                             source="data/x.jsonl")
