@@ -14,7 +14,9 @@ either tokenizer) as JSONL and, each in a fresh process, runs `prepare_data` as 
 
 with two tokenizers: `demo` (gpt_service.demo_model: byte-level BPE, 512 ids, ChatML template:
 uint16 ids) and `qwen2-size` (151,936 ids like Qwen2's, ChatML, every word one token: uint32 ids).
-Reported: tokens/s (tokens over the wall time of `prepare_data`), peak RSS of the process, RSS
+Reported: tokens/s (tokens over the wall time of `prepare_data`); its CPU time (every thread) and
+tokens per 2 CPU-seconds, what two otherwise idle cores would give where the work keeps both busy
+(on a shared machine the wall time grows with the neighbours' load, the CPU time far less); peak RSS of the process, RSS
 growth held after the call per token (the memory that the prepared samples keep), and for ours the
 exact bytes of the arrays per token. `--only demo` runs one tokenizer; `--results FILE` writes the
 report there too.
@@ -111,6 +113,12 @@ def rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def cpu_seconds() -> float:
+    """User and system time of this process, all its threads (the tokenizer's too)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def child(root: Path, name: str, phase: str) -> dict:
     """One `prepare_data` call, measured; run in a fresh process."""
     from transformers import AutoTokenizer
@@ -123,17 +131,17 @@ def child(root: Path, name: str, phase: str) -> dict:
                                  "max_length": 4096}, config_path=None)
     gc.collect()
     before = rss_bytes()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     data = prepare_data(config, tokenizer)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     gc.collect()
     held = rss_bytes() - before
     sets = [data.train, data.eval]
     tokens = sum(sum(len(e) for e in s) for s in sets) if phase == "before" else sum(s.tokens for s in sets)
-    arrays = None if phase == "before" else data.train.ids.nbytes + data.train.trained.nbytes
+    arrays = None if phase == "before" else data.train.ids.nbytes + data.train.trained.nbytes  # eval's too
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"tokenizer": name, "phase": phase, "samples": len(data.train) + len(data.eval), "tokens": tokens,
-            "seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "held": held, "array_bytes": arrays}
+            "seconds": seconds, "cpu_seconds": cpu, "peak_rss": peak, "held": held, "array_bytes": arrays}
 
 
 def run_child(root: Path, name: str, phase: str, package: Path) -> dict:
@@ -158,7 +166,8 @@ def row(result: dict) -> str:
     tokens = result["tokens"]
     arrays = f"{result['array_bytes'] / tokens:.2f}" if result["array_bytes"] is not None else "-"
     return (f"| {result['tokenizer']} | {result['phase']} | {result['samples']:,} | {tokens / 1e6:.1f} M "
-            f"| {result['seconds']:.2f} | {tokens / result['seconds'] / 1e6:.2f} M | {result['peak_rss'] / 1e9:.2f} GB "
+            f"| {result['seconds']:.2f} | {tokens / result['seconds'] / 1e6:.2f} M | {result['cpu_seconds']:.2f} "
+            f"| {2 * tokens / result['cpu_seconds'] / 1e6:.2f} M | {result['peak_rss'] / 1e9:.2f} GB "
             f"| {result['held'] / tokens:.1f} | {arrays} |")
 
 
@@ -178,8 +187,9 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     lines = [f"`{' '.join(['python', *sys.argv])}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
              f"- {machine()}", f"- {args.records:,} chat records (system + two user/assistant turns), max_length 4096",
-             "", "| tokenizer | run | samples | tokens | seconds | tokens/s | peak RSS | held bytes/token "
-             "| array bytes/token |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "", "| tokenizer | run | samples | tokens | seconds | tokens/s | CPU seconds | tokens per 2 CPU-seconds "
+             "| peak RSS | held bytes/token | array bytes/token |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         if args.baseline:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,10 +195,18 @@ def tokenize_records(
 ) -> TokenizedDataset:
     """Tokenize every record into a sample, truncating to `max_length`.
 
-    Records go in chunks: each chunk's segment texts are built first (checking the records), then
-    tokenized in one batch call.
+    Records go in chunks: each chunk's segment texts are built first (checking the records and
+    rendering the chats: Python, one core), then tokenized in one batch call (Rust, every core) in a
+    thread of its own while the next chunk is built.
     """
     builder = _Builder(tokenizer, max_length)
-    for chunk in _chunks(tokenizer, records, train_on_prompt, source):
-        builder.add(chunk, _encode(tokenizer, chunk.texts))
+    pending: tuple[_Chunk, Future[list[list[int]]]] | None = None
+    with ThreadPoolExecutor(max_workers=1) as encoder:
+        for chunk in _chunks(tokenizer, records, train_on_prompt, source):
+            encoding = encoder.submit(_encode, tokenizer, chunk.texts)
+            if pending:
+                builder.add(pending[0], pending[1].result())
+            pending = (chunk, encoding)
+        if pending:
+            builder.add(pending[0], pending[1].result())
     return builder.result()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -152,6 +154,9 @@ def test_the_least_recently_used_entries_go_past_the_size_limit(
 
     (a,), (b,) = entry_for(64), entry_for(32)
     assert a != b
+    now = time.time()
+    for name, age in ((a, 200), (b, 100)):  # used long ago: this file system's clock ticks coarsely
+        os.utime(cache_folder / name / cache.META, (now - age, now - age))
     size = sum(f.stat().st_size for f in (cache_folder / a).iterdir())
     monkeypatch.setenv("GPT_SERVICE_DATA_CACHE_MAX_GB", str(2.5 * size / 1e9))  # room for two entries
     assert entry_for(64) == set()  # a hit, which makes `a` the most recently used
