@@ -122,3 +122,13 @@ def test_a_subset_shares_the_token_arrays_and_counts_the_loss_positions(tiny_mod
     assert part[0].input_ids == data[4].input_ids and part.lengths == [len(data[4]), len(data[0])]
     # the labels a causal LM scores: every labelled position after each sample's first
     assert part.label_count([0, 1]) == sum(sum(t != IGNORE_INDEX for t in e.labels[1:]) for e in part)
+
+
+def test_ids_past_the_expected_type_widen_it_rather_than_wrap(tiny_model: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenizer = load_tokenizer(str(tiny_model))
+    expected = tokenize_records(tokenizer, RECORDS, max_length=512, train_on_prompt=False, source="x").examples
+    monkeypatch.setattr(examples_module, "id_dtype", lambda size: np.uint8)  # as if the tokenizer said 256 ids
+    data = tokenize_records(tokenizer, RECORDS, max_length=512, train_on_prompt=False, source="x").examples
+    assert data.ids.dtype == np.uint32 and int(data.ids.max()) > 255
+    assert [e.input_ids for e in data] == [e.input_ids for e in expected]
