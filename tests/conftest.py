@@ -48,6 +48,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The tokenized-data cache of this session (the servers' and trainings' child processes inherit it),
+    so that tests never read or fill the user's own cache."""
+    folder = tmp_path_factory.mktemp("tokenized")
+    before = os.environ.get("GPT_SERVICE_DATA_CACHE")
+    os.environ["GPT_SERVICE_DATA_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        del os.environ["GPT_SERVICE_DATA_CACHE"]
+    else:
+        os.environ["GPT_SERVICE_DATA_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_model(tmp_path_factory.mktemp("models") / "tiny-qwen2")
@@ -193,8 +207,10 @@ def workspace(tmp_path: Path, tiny_model: Path) -> Path:
 
 
 def server_environment(hub_cache: Path, **settings: str) -> dict[str, str]:
-    """This process's environment without its GPT_SERVICE_ settings, offline on `hub_cache`, plus `settings`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPT_SERVICE_")}
+    """This process's environment without its GPT_SERVICE_ settings (but the data cache), offline on `hub_cache`,
+    plus `settings`."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("GPT_SERVICE_") or k == "GPT_SERVICE_DATA_CACHE"}
     return {**env, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1", **settings}
 
 

@@ -6,9 +6,12 @@ batches an uninterrupted one would.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
-from gpt_service.data.examples import IGNORE_INDEX, Example
+from gpt_service.data.tokenized import IGNORE_INDEX, Example
 
 # Samples are sorted by length within windows of this many batches, then the batches are shuffled.
 GROUP_WINDOW_BATCHES = 64
@@ -56,7 +59,7 @@ def sequential_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate(examples: list[Example], pad_id: int, max_width: int | None = None) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[Example], pad_id: int, max_width: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its longest sample, rounded up to `PAD_TO_MULTIPLE_OF` but not past
     `max_width` (a model's position limit); padding is masked out of attention and labels."""
     longest = max(len(e) for e in examples)
@@ -68,7 +71,7 @@ def collate(examples: list[Example], pad_id: int, max_width: int | None = None) 
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example)
-        input_ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
+        input_ids[row, :n] = torch.from_numpy(example.ids.astype(np.int64))
+        labels[row, :n] = torch.from_numpy(example.label_array())
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -40,6 +40,14 @@ def guess_format(path: str | Path, dataset_format: str | None) -> DatasetFormat:
     return EXTENSION_FORMATS[suffix]
 
 
+def dataset_file_format(path: str | Path, dataset_format: str | None) -> DatasetFormat:
+    """The format of a dataset file that exists (else DatasetError), without reading it."""
+    fmt = guess_format(path, dataset_format)
+    if not Path(path).is_file():
+        raise DatasetError(f"{path}: no such file")
+    return fmt
+
+
 def _decode(path: Path) -> str:
     data = path.read_bytes()
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
@@ -63,9 +71,7 @@ def _json_error(path: Path, exc: json.JSONDecodeError, line: int | None = None) 
 def read_records(path: str | Path, dataset_format: str | None = None) -> list[Record]:
     """All records of the file, each a dict. TXT lines become `{"text": line}`."""
     path = Path(path)
-    fmt = guess_format(path, dataset_format)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
+    fmt = dataset_file_format(path, dataset_format)
     text = _decode(path)
     if fmt in ("txt", "jsonl"):
         for number, line in enumerate(text.split("\n"), start=1):

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from gpt_service.data.batching import collate, sequential_batches
-from gpt_service.data.examples import Example
 from gpt_service.data.readers import DatasetError
+from gpt_service.data.tokenized import TokenizedSet
 from gpt_service.inference.registry import BaseModel
 from gpt_service.model_loading import position_limit
 from gpt_service.training.loss import FP32_BLOCK_ELEMENTS, exact_cross_entropy_sum, labelled_outputs
@@ -73,11 +73,11 @@ def batch_scores(model: Any, batch: dict[str, torch.Tensor]) -> tuple[float, int
     return loss, correct, len(targets)
 
 
-def token_figures(base: BaseModel, adapter: str | None, examples: list[Example], batch_size: int,
+def token_figures(base: BaseModel, adapter: str | None, examples: TokenizedSet, batch_size: int,
                   on_batch: Callable[[], None] = lambda: None) -> TokenFigures:
     """The figures of `base` with `adapter` (None: no adapter) over every labelled token of `examples`."""
     loss, correct, tokens = 0.0, 0, 0
-    for indices in sequential_batches([len(e) for e in examples], batch_size):
+    for indices in sequential_batches(examples.lengths, batch_size):
         batch = collate([examples[i] for i in indices], base.tokenizer.pad_token_id, position_limit(base.model))
         with base.engine.model_lock:  # the engine steps between our batches, never during one
             model = base.model

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gpt_service.data.examples import IGNORE_INDEX, Example, record_segments, tokenize_records
+from gpt_service.data.examples import record_segments, tokenize_records
 from gpt_service.data.readers import DatasetError, Record, read_records
+from gpt_service.data.tokenized import IGNORE_INDEX, TokenizedSet
 from gpt_service.evaluation.job import EvaluationOptions
 
 
@@ -26,7 +27,7 @@ class Prompted:
 
 @dataclass(frozen=True)
 class EvalSet:
-    examples: list[Example]
+    examples: TokenizedSet
     prompted: list[Prompted]  # empty when generation metrics are off
     truncated: int  # samples cut to max_length
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt_service.data.batching import round_up
-from gpt_service.data.examples import IGNORE_INDEX
+from gpt_service.data.tokenized import IGNORE_INDEX
 
 # Logit elements per block at most (bf16: 16 MiB, 256 rows at a 32k vocabulary): what stays in a
 # CPU's last-level cache between the matrix multiply, the softmax and the gradient's matrix

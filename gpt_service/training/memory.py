@@ -334,6 +334,5 @@ def _dataset_lengths(config: TrainConfig) -> list[int]:
     from gpt_service.data.prepare import prepare_data
     from gpt_service.model_loading import load_tokenizer
 
-    data = prepare_data(config, load_tokenizer(config.base_model))
-    return [len(example) for example in data.train]
+    return list(prepare_data(config, load_tokenizer(config.base_model)).train.lengths)
 

@@ -28,8 +28,8 @@ from transformers import get_scheduler
 
 from gpt_service.config import TrainConfig
 from gpt_service.data.batching import collate, epoch_batches, rank_share, sequential_batches
-from gpt_service.data.examples import IGNORE_INDEX, Example
 from gpt_service.data.prepare import PreparedData, prepare_data
+from gpt_service.data.tokenized import TokenizedSet
 from gpt_service.errors import UserError
 from gpt_service.hardware import Precision, choose_precision
 from gpt_service.model_loading import load_causal_lm, load_tokenizer, position_limit
@@ -91,10 +91,6 @@ def _lora_config(config: TrainConfig) -> LoraConfig:
     )
 
 
-def _label_count(examples: list[Example], batch: list[int]) -> int:
-    return sum(sum(1 for label in examples[i].labels[1:] if label != IGNORE_INDEX) for i in batch)
-
-
 def _batch_index(batches: list[list[int]], next_sample: int, checkpoint: Path) -> int:
     """The batch that starts at global sample `next_sample` of an epoch."""
     seen = 0
@@ -106,6 +102,17 @@ def _batch_index(batches: list[list[int]], next_sample: int, checkpoint: Path) -
         return len(batches)
     raise CheckpointError(f"checkpoint {checkpoint}: no batch starts at sample {next_sample} of its epoch "
                           "(was the dataset changed?)")
+
+
+def _prepare_data(config: TrainConfig, tokenizer: Any, group: distributed.Group) -> PreparedData:
+    """The data, tokenized by rank 0 while the other ranks wait, then read from the cache by them.
+
+    Rank 0's bad-data error is raised on every rank. Without the cache (off, or not shared between
+    machines) each rank tokenizes for itself, to the same result.
+    """
+    prepared: list[PreparedData] = []
+    distributed.main_first(group, lambda: prepared.append(prepare_data(config, tokenizer)))
+    return prepared[0] if prepared else prepare_data(config, tokenizer)
 
 
 class _Run:
@@ -128,8 +135,8 @@ class _Run:
             log.warning(self.precision.warning)
         torch.manual_seed(config.seed)
         self.tokenizer = load_tokenizer(config.base_model)
-        self.data: PreparedData = prepare_data(config, self.tokenizer)
-        self.train_lengths = [len(e) for e in self.data.train]
+        self.data = _prepare_data(config, self.tokenizer, group)
+        self.train_lengths = self.data.train.lengths
         self.checkpointing = self._choose_checkpointing()
         base = self._load_base()
         with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; not ours to fix
@@ -211,7 +218,7 @@ class _Run:
         dtype = self.precision.autocast_dtype
         return torch.autocast(self.precision.device.type, dtype=dtype) if dtype else nullcontext()
 
-    def _to_device(self, examples: list[Example], batch: list[int]) -> dict[str, torch.Tensor]:
+    def _to_device(self, examples: TokenizedSet, batch: list[int]) -> dict[str, torch.Tensor]:
         tensors = collate([examples[i] for i in batch], self.tokenizer.pad_token_id,
                           position_limit(self.model))
         return {k: v.to(self.precision.device) for k, v in tensors.items()}
@@ -232,8 +239,7 @@ class _Run:
             return None
         self.wrapped.eval()
         total, count = 0.0, 0
-        lengths = [len(e) for e in self.data.eval]
-        for piece, counts in self._pieces(sequential_batches(lengths, self.micro_batch)):
+        for piece, counts in self._pieces(sequential_batches(self.data.eval.lengths, self.micro_batch)):
             with self._autocast():
                 loss, n = self.wrapped(self._to_device(self.data.eval, piece))
             if counts:
@@ -296,7 +302,7 @@ class _Run:
         processes): DDP and FSDP2 average the processes' gradients, so the result is the exact mean
         over the global batch's tokens, whatever the number of processes.
         """
-        n_labels = max(sum(_label_count(self.data.train, b) for b in window), 1)
+        n_labels = max(sum(self.data.train.label_count(b) for b in window), 1)
         pieces = self._pieces(window)
         loss_sum = 0.0
         for k, (piece, counts) in enumerate(pieces):

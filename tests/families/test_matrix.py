@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -23,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gpt_service.config import TrainConfig
 from gpt_service.data.batching import collate
-from gpt_service.data.examples import IGNORE_INDEX, Example
+from gpt_service.data.tokenized import Example
 from gpt_service.evaluation.generation import Question, greedy_answers
 from gpt_service.hardware import Precision
 from gpt_service.inference.engine import _FastDecoder
@@ -57,7 +58,7 @@ def qa_examples(tokenizer: Any) -> list[Example]:
     for question, answer in QA_PAIRS[:4]:
         prompt = tokenizer(qa_prompt(question)).input_ids
         reply = [*tokenizer(answer).input_ids, tokenizer.eos_token_id]
-        examples.append(Example(prompt + reply, [IGNORE_INDEX] * len(prompt) + reply))
+        examples.append(Example(np.array(prompt + reply), np.array([False] * len(prompt) + [True] * len(reply))))
     return examples
 
 
