@@ -21,7 +21,6 @@ from gpt_service.tasks.placement import PLACEMENT_KEYS, TaskNeeds
 from gpt_service.tasks.schema import WorkerRecord
 from gpt_service.tasks.store import ACTIVE, STATUSES, Task, TaskStore
 from gpt_service.tasks.submission import ConflictError, NotFoundError, prepare_training
-from gpt_service.training.memory import estimate_memory
 
 router = APIRouter(tags=["training"])
 # OpenAPI links from a new task's id to the calls that take it (clients and API testers follow them).
@@ -69,6 +68,8 @@ def refuse_what_cannot_fit(config: TrainConfig, workers: list[WorkerRecord]) -> 
     base, rather than let it die of an out-of-memory later. With no live worker, the task waits."""
     if not workers:
         return
+    from gpt_service.training.memory import estimate_memory  # torch: only when there is a run to weigh
+
     largest = max(workers, key=lambda r: r.memory_mb)
     try:
         estimate = estimate_memory(config)
@@ -113,6 +114,8 @@ def estimate_training(body: TrainRequest, settings: Settings) -> dict[str, Any]:
     fields = body.model_dump(exclude_none=True)  # type: ignore[attr-defined]
     training = {k: v for k, v in fields.items() if k not in PLACEMENT_KEYS or k in TrainConfig.model_fields}
     config = prepare_training(training, settings, "estimate")  # type: ignore[attr-defined]
+    from gpt_service.training.memory import estimate_memory
+
     return estimate_memory(config).as_dict()
 
 
