@@ -12,7 +12,8 @@ It builds the training benchmark's model (bench/train_throughput.py: Qwen2, hidd
 word-level tokenizer) in a workspace's models/ folder, and 8 random LoRA adapters of it (r=16 on
 q,k,v,o, random A and B so that they differ). Then it starts, one at a time, HTTP servers on
 127.0.0.1 and drives their OpenAI `/v1/completions` route with greedy 128-token completions,
-streamed, as vLLM's own serving benchmark does:
+streamed as vLLM's own serving benchmark does (not for `transformers serve`, which died on a
+streamed completion here: its TTFT and ITL columns stay empty):
 
   (a) the naive server: `transformers serve` without `--continuous-batching`, which runs one
       `model.generate` per request, in turn, in the weights' dtype (fp32 here);
@@ -215,9 +216,14 @@ class Level:
         return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def stream_completion(session: requests.Session, url: str, body: dict, timeout: float) -> tuple[int, list[float]]:
+def stream_completion(session: requests.Session, url: str, body: dict, timeout: float,
+                      stream: bool = True) -> tuple[int, list[float]]:
     """Stream one completion: its completion tokens (from the usage, else one per piece) and the times
-    (perf_counter) its non-empty pieces arrived."""
+    (perf_counter) its non-empty pieces arrived (none when not streamed)."""
+    if not stream:
+        response = session.post(f"{url}/v1/completions", json=body, timeout=timeout)
+        response.raise_for_status()
+        return response.json()["usage"]["completion_tokens"], []
     arrivals: list[float] = []
     tokens = None
     with session.post(f"{url}/v1/completions", json=body | {"stream": True, "stream_options": {"include_usage": True}},
@@ -235,7 +241,7 @@ def stream_completion(session: requests.Session, url: str, body: dict, timeout: 
 
 
 def drive(url: str, models: list[str], clients: int, requests_total: int, prompts: list[str],
-          level: Level, timeout: float = 900, server_pids: tuple[int, ...] = ()) -> Level:
+          level: Level, timeout: float = 900, server_pids: tuple[int, ...] = (), stream: bool = True) -> Level:
     """`clients` threads, each on its own connection, send requests one after another until
     `requests_total` are done; client i asks for models[i % len(models)]."""
     counter = iter(range(requests_total))
@@ -255,7 +261,7 @@ def drive(url: str, models: list[str], clients: int, requests_total: int, prompt
                     "temperature": 0}
             began = time.perf_counter()
             try:
-                tokens, arrivals = stream_completion(session, url, body, timeout)
+                tokens, arrivals = stream_completion(session, url, body, timeout, stream)
             except (requests.RequestException, KeyError, ValueError) as exc:
                 with lock:
                     level.errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
@@ -279,10 +285,10 @@ def drive(url: str, models: list[str], clients: int, requests_total: int, prompt
     return level
 
 
-def warm_up(url: str, models: list[str], prompts: list[str], concurrent: int) -> None:
-    drive(url, models[:1], 1, 1, prompts, Level("", "warm-up", 1))
+def warm_up(url: str, models: list[str], prompts: list[str], concurrent: int, stream: bool = True) -> None:
+    drive(url, models[:1], 1, 1, prompts, Level("", "warm-up", 1), stream=stream)
     if concurrent > 1:
-        drive(url, models, concurrent, concurrent, prompts[7:], Level("", "warm-up", concurrent))
+        drive(url, models, concurrent, concurrent, prompts[7:], Level("", "warm-up", concurrent), stream=stream)
 
 
 def report(level: Level) -> None:
@@ -295,13 +301,13 @@ def report(level: Level) -> None:
 
 
 def measure(server: Server, models: list[str], clients_levels: list[int], rounds: int, prompts: list[str],
-            label: str = "base", wait_idle: float = 0) -> list[Level]:
+            label: str = "base", wait_idle: float = 0, stream: bool = True) -> list[Level]:
     results = []
     assert server.process is not None
     for clients in clients_levels:
         wait_until_idle(wait_idle)
         level = drive(server.url, models, clients, max(rounds * clients, 3 if rounds == 1 else 4), prompts,
-                      Level(server.name, label, clients), server_pids=(server.process.pid,))
+                      Level(server.name, label, clients), server_pids=(server.process.pid,), stream=stream)
         report(level)
         results.append(level)
     return results
@@ -311,7 +317,10 @@ def measure(server: Server, models: list[str], clients_levels: list[int], rounds
 
 
 def run_transformers(workspace: Path, model_dir: Path, *, continuous: bool, dtype: str, clients: list[int],
-                     rounds: int, prompts: list[str], wait_idle: float) -> list[Level]:
+                     rounds: int, prompts: list[str], wait_idle: float, mixed: list[str] | None = None
+                     ) -> list[Level]:
+    """Requests are not streamed: `transformers serve` died on the first streamed completion here, so its
+    columns have no TTFT or ITL."""
     port = free_port()
     argv = [str(BIN / "transformers"), "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
             "--dtype", dtype, "--continuous-batching" if continuous else "--no-continuous-batching",
@@ -321,10 +330,13 @@ def run_transformers(workspace: Path, model_dir: Path, *, continuous: bool, dtyp
     log = workspace / f"server-{'cb' if continuous else 'naive'}-{dtype}.log"
     with Server(name, argv, port, workspace, log) as server:
         if continuous:
-            warm_up(server.url, [str(model_dir)], prompts, 16)
+            warm_up(server.url, [str(model_dir)], prompts, 16, stream=False)
         else:  # nothing to batch: two lone requests
-            drive(server.url, [str(model_dir)], 1, 2, prompts, Level("", "warm-up", 1))
-        return measure(server, [str(model_dir)], clients, rounds, prompts, wait_idle=wait_idle)
+            drive(server.url, [str(model_dir)], 1, 2, prompts, Level("", "warm-up", 1), stream=False)
+        results = measure(server, [str(model_dir)], clients, rounds, prompts, wait_idle=wait_idle, stream=False)
+        if mixed:
+            results += measure(server, [str(model_dir)], [16], rounds, mixed, MIXED, wait_idle, stream=False)
+        return results
 
 
 def measure_adapters_and_mixed(server: Server, names: list[str], rounds: int, mixed: list[str] | None,
@@ -480,7 +492,8 @@ def main() -> None:
             elif key == "b":
                 for dtype in args.peer_dtypes.split(","):
                     levels += run_transformers(workspace, model_dir, continuous=True, dtype=dtype, clients=clients,
-                                               rounds=args.rounds, prompts=prompts, wait_idle=args.wait_idle)
+                                               rounds=args.rounds, prompts=prompts, wait_idle=args.wait_idle,
+                                               mixed=mixed)
             elif key == "c":
                 levels += run_ours(workspace, clients, args.rounds, prompts, not args.no_adapters, args.wait_idle,
                                    mixed)
