@@ -37,8 +37,8 @@ half of them after the same 200-word system prompt. Short prompts are 8 to 40 ra
 random model rarely emits its EOS, and requests that stop early are counted (the "short" column),
 never padded.
 
-`--ours-variant NAME:ENV=VALUE[;ENV=VALUE]` measures ours again with other settings (at 16 and 64
-clients and the mixed workload), e.g. `"no chunked prefill:GPT_SERVICE_CHUNKED_PREFILL=false"`, or
+`--ours-variant NAME:ENV=VALUE[;ENV=VALUE]` measures ours again with other settings (at 64 clients
+and on the mixed workload), e.g. `"no chunked prefill:GPT_SERVICE_CHUNKED_PREFILL=false"`, or
 another checkout of the code with `PYTHONPATH=DIR`: what each part of the engine buys.
 
 The servers share the machine with the clients (and with whatever else runs): the last column is
@@ -456,7 +456,7 @@ def main() -> None:
     parser.add_argument("--vllm-python", default=VLLM_PYTHON,
                         help="vLLM's interpreter (default: GPT_SERVICE_VLLM_PYTHON, else .venv-vllm/bin/python)")
     parser.add_argument("--ours-variant", action="append", default=[], metavar="NAME:ENV=VALUE[;ENV=VALUE]",
-                        help="measure ours again with these environment variables (16, 64 clients, mixed)")
+                        help="measure ours again with these environment variables (64 clients, mixed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="keep the workspace (model, adapters, logs) in this folder")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
@@ -500,7 +500,7 @@ def main() -> None:
                 for variant in args.ours_variant:
                     name, _, assignments = variant.partition(":")
                     env = dict(a.split("=", 1) for a in assignments.split(";") if a)
-                    levels += run_ours(workspace, [c for c in clients if c in (16, 64)], args.rounds, prompts,
+                    levels += run_ours(workspace, [c for c in clients if c == 64], args.rounds, prompts,
                                        False, args.wait_idle, mixed, name, env)
             elif key == "d":
                 levels += run_vllm(workspace, model_dir, args.vllm_python, clients, args.rounds, prompts,
