@@ -50,8 +50,17 @@ class ServiceSettings(BaseSettings):
     serve_dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$",
                              description="Serving precision; auto = bf16 where the hardware has it.")
     max_batch_size: int = Field(64, ge=1, le=1024, description="Sequences generated together per base model.")
-    fast_paths: bool = Field(True, description="The engine's fast decode step (packed bf16 weights, batched "
-                             "LoRA rows); false decodes through the model's own forward, for diagnosis.")
+    fast_paths: bool = Field(True, description="The engine's own forward over the paged KV cache for Llama-style "
+                             "models (packed bf16 weights, batched LoRA rows); false runs the model's own forward "
+                             "over a contiguous cache, for diagnosis.")
+    kv_cache_gb: float | None = Field(None, gt=0, description="The KV cache pool per base model, in GiB (default: a "
+                                      "quarter of the memory free at load, container limits respected, at most 4).")
+    kv_block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block.")
+    max_batched_tokens: int = Field(512, ge=1, description="Tokens fed per engine step: the budget that long "
+                                    "prompts are prefilled in chunks of, between decode steps.")
+    chunked_prefill: bool = Field(True, description="Prefill long prompts in chunks between decode steps.")
+    prefix_caching: bool = Field(True, description="Reuse the KV cache blocks of identical prompt prefixes "
+                                 "(same base, same adapter) across requests.")
     max_waiting_requests: int = Field(256, ge=1, description="Requests queued per base model; past it, 429.")
     max_tokens_limit: int = Field(8192, ge=1, description="Largest max_tokens a request may ask for.")
     max_prompt_chars: int = Field(200_000, ge=1, description="Longest prompt, in characters.")

@@ -55,6 +55,36 @@ class _StateCollector(Collector):
         for name, count in (inference.generated_tokens.items() if inference else []):
             generated.add_metric([name], count)
         yield from (depth, running, generated)
+        yield from _engine_metrics(models)
+
+
+def _engine_metrics(models: list[dict[str, Any]]) -> Iterator[Any]:
+    """Each engine's KV cache and scheduler figures, once per base model (its adapters share them)."""
+    labels = ["base_model", "dtype"]
+    blocks = GaugeMetricFamily("gpt_service_kv_cache_blocks", "KV cache blocks in the pool.", labels=labels)
+    free = GaugeMetricFamily("gpt_service_kv_cache_blocks_free", "KV cache blocks no request holds.", labels=labels)
+    hit_rate = GaugeMetricFamily("gpt_service_prefix_cache_hit_rate",
+                                 "Share of prompt tokens found in the prefix cache.", labels=labels)
+    queried = CounterMetricFamily("gpt_service_prefix_cache_queried_tokens",
+                                  "Prompt tokens looked up in the prefix cache.", labels=labels)
+    hit = CounterMetricFamily("gpt_service_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.",
+                              labels=labels)
+    preempted = CounterMetricFamily("gpt_service_preemptions", "Requests preempted (computed again later) "
+                                    "because the KV cache ran out.", labels=labels)
+    seen = set()
+    for model in models:
+        key = (model["base_model"], model["dtype"])
+        if key in seen:
+            continue
+        seen.add(key)
+        stats = model["engine"]
+        blocks.add_metric(key, stats["kv_blocks"])
+        free.add_metric(key, stats["kv_blocks_free"])
+        queried.add_metric(key, stats["prefix_queried_tokens"])
+        hit.add_metric(key, stats["prefix_hit_tokens"])
+        hit_rate.add_metric(key, stats["prefix_hit_tokens"] / max(1, stats["prefix_queried_tokens"]))
+        preempted.add_metric(key, stats["preemptions"])
+    yield from (blocks, free, hit_rate, queried, hit, preempted)
 
 
 class _RequestMetrics:

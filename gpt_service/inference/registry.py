@@ -7,6 +7,7 @@ them all in shared batches. A base goes when its last name is unloaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -19,7 +20,7 @@ import torch
 from peft import PeftModel
 
 from gpt_service.hardware import bf16_available, default_device
-from gpt_service.inference.engine import BatchEngine
+from gpt_service.inference.engine import BatchEngine, EngineOptions
 from gpt_service.inference.errors import AdapterMismatch, ModelExists, ModelNotLoaded
 from gpt_service.model_loading import load_causal_lm, load_tokenizer
 from gpt_service.model_sources import HUB_ID
@@ -94,7 +95,8 @@ class ServedModel:
                 "dtype": str(self.base.dtype).removeprefix("torch."), "base_memory_bytes": self.base.weight_bytes,
                 "adapter_memory_bytes": adapter_bytes, "shared_with": sorted(self.base.users - {self.name}),
                 "running": running, "waiting": waiting,
-                "context_length": context_length(self.base.model, self.base.tokenizer)}
+                "context_length": context_length(self.base.model, self.base.tokenizer),
+                "engine": dataclasses.asdict(self.base.engine.stats())}
 
 
 def context_length(model: Any, tokenizer: Any) -> int:
@@ -103,8 +105,8 @@ def context_length(model: Any, tokenizer: Any) -> int:
 
 
 class ModelRegistry:
-    def __init__(self, max_batch_size: int = 64, max_waiting: int = 256, fast_paths: bool = True) -> None:
-        self.max_batch_size, self.max_waiting, self.fast_paths = max_batch_size, max_waiting, fast_paths
+    def __init__(self, options: EngineOptions | None = None) -> None:
+        self.options = options or EngineOptions()
         self._bases: dict[tuple[str, torch.dtype], BaseModel] = {}
         self._names: dict[str, ServedModel] = {}
         self._lock = threading.RLock()  # loads and unloads one at a time
@@ -171,9 +173,7 @@ class ModelRegistry:
         eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else {tokenizer.eos_token_id}
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         base = BaseModel(model_path, dtype, model, tokenizer, weight_bytes)
-        base.engine = BatchEngine(lambda: base.model, tokenizer, eos_ids, max_batch_size=self.max_batch_size,
-                                  max_waiting=self.max_waiting, name=Path(model_path).name,
-                                  fast_paths=self.fast_paths)
+        base.engine = BatchEngine(lambda: base.model, tokenizer, eos_ids, self.options, name=Path(model_path).name)
         self._bases[(_identity(model_path), dtype)] = base
         return base
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from gpt_service.chat import Message, render_chat
-from gpt_service.inference.engine import Event, GenerationRequest
+from gpt_service.inference.engine import EngineOptions, Event, GenerationRequest
 from gpt_service.inference.errors import ContextTooLong
 from gpt_service.inference.registry import ModelRegistry, ServedModel, context_length
 from gpt_service.inference.sampling import SamplingParams
@@ -21,9 +21,18 @@ from gpt_service.settings import ServiceSettings
 DISCONNECT_POLL_SECONDS = 0.25
 
 
+def engine_options(settings: ServiceSettings) -> EngineOptions:
+    gigabytes = settings.kv_cache_gb
+    return EngineOptions(
+        max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting_requests,
+        fast_paths=settings.fast_paths, kv_cache_bytes=None if gigabytes is None else int(gigabytes * (1 << 30)),
+        block_size=settings.kv_block_size, max_batched_tokens=settings.max_batched_tokens,
+        chunked_prefill=settings.chunked_prefill, prefix_caching=settings.prefix_caching)
+
+
 class InferenceService:
     def __init__(self, settings: ServiceSettings) -> None:
-        self.registry = ModelRegistry(settings.max_batch_size, settings.max_waiting_requests, settings.fast_paths)
+        self.registry = ModelRegistry(engine_options(settings))
         self.default_dtype = settings.serve_dtype
         self.generated_tokens: Counter[str] = Counter()  # per model name, for /metrics
 

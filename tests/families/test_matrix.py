@@ -27,7 +27,7 @@ from gpt_service.data.batching import collate
 from gpt_service.data.tokenized import Example
 from gpt_service.evaluation.generation import Question, greedy_answers
 from gpt_service.hardware import Precision
-from gpt_service.inference.engine import _FastDecoder
+from gpt_service.inference.fast_decoder import FastDecoder
 from gpt_service.inference.registry import ModelRegistry
 from gpt_service.training.loss import _plain_heads, summed_token_loss
 from gpt_service.training.recipe import run_lora_finetune
@@ -94,7 +94,7 @@ def test_one_training_step_equals_peft(models: dict[str, Path], family: str, dev
     assert lora_layers and all("forward" in vars(m) for m in lora_layers)  # the lean LoRA branch, everywhere
     assert _plain_heads[base] is fused_head
     assert (base.config._attn_implementation == CPU_ATTENTION) is (cpu_attention and device == "cpu")
-    assert (_FastDecoder.unsupported(ours.eval()) is None) is fast_decoder
+    assert (FastDecoder.unsupported(ours.eval()) is None) is fast_decoder
 
 
 def train(model: Path, dataset: Path, output: Path, fast_paths: bool, epochs: int) -> list[float]:
@@ -157,8 +157,9 @@ def test_served_answers_equal_peft_generate_and_bf16_reproduces_training(
             served = registry.load(f"{family}-{dtype}", str(models[family]), str(adapter), dtype)
             questions = [Question(tokenizer(p).input_ids, served.adapter, 48) for p in prompts]
             assert greedy_answers(served.base.engine, questions) == expected, dtype  # all in one batch
-            fast = served.base.engine._fast
-            assert (fast is not None) is APPLIES[family][2]
+            runner = served.base.engine._runner
+            fast = getattr(runner, "decoder", None)
+            assert served.base.engine.paged is APPLIES[family][2]
             on_cpu = next(served.base.model.parameters()).device.type == "cpu"
             if fast is not None and dtype == "bfloat16" and on_cpu:  # the packed bf16 decode real CPUs use
                 assert all(group.packed is not None for group in fast.groups())

@@ -32,6 +32,10 @@ def test_metrics_health_and_json_logs(workspace: Path, server_env: dict[str, str
         answer = requests.post(f"{server.url}/generate", json={"prompt": "hi", "model_name": "m", "max_tokens": 5},
                                timeout=60).json()
         requests.get(f"{server.url}/train/status/nope", timeout=10)
+        shared = "You are a helpful assistant; answer briefly. " * 4  # two requests, one prompt prefix
+        more = sum(requests.post(f"{server.url}/generate", json={"prompt": shared + question, "model_name": "m",
+                                                                 "max_tokens": 1}, timeout=60).json()["usage"][
+            "completion_tokens"] for question in ("hi", "bye"))
 
         found = samples(server)
         assert found[("gpt_service_http_requests_total", (("method", "POST"), ("route", "/train"),
@@ -42,8 +46,12 @@ def test_metrics_health_and_json_logs(workspace: Path, server_env: dict[str, str
         assert found[("gpt_service_models_loaded", ())] == 1
         assert found[("gpt_service_queue_depth", (("model", "m"),))] == 0
         assert found[("gpt_service_generated_tokens_total", (("model", "m"),))] == answer["usage"][
-            "completion_tokens"]
-        assert found[("gpt_service_http_request_seconds_count", (("route", "/generate"),))] == 1
+            "completion_tokens"] + more
+        assert found[("gpt_service_http_request_seconds_count", (("route", "/generate"),))] == 3
+        engine = {name: value for (name, labels), value in found.items() if dict(labels).get("dtype")}
+        assert engine["gpt_service_prefix_cache_hit_tokens_total"] >= 32  # the shared prefix's full blocks
+        assert 0 < engine["gpt_service_prefix_cache_hit_rate"] < 1
+        assert engine["gpt_service_kv_cache_blocks_free"] == engine["gpt_service_kv_cache_blocks"] > 0
 
         health = requests.get(f"{server.url}/health", timeout=10).json()
         assert health["worker_alive"] is True and health["engines_alive"] is True and health["models_loaded"] == 1
