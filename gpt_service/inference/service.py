@@ -59,7 +59,8 @@ class InferenceService:
             return self.registry.get(name)
         except ModelNotLoaded:
             known = ", ".join(sorted(m["model_name"] for m in self.models())) or "none"
-            raise ModelNotLoaded(f"model {name!r} is not loaded (loaded: {known}); load it with POST /models/load") from None
+            raise ModelNotLoaded(f"model {name!r} is not loaded (loaded: {known}); load it with "
+                                 "POST /models/load") from None
 
     def unload(self, name: str) -> None:
         if self.vllm.get(name) is not None:

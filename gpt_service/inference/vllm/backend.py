@@ -26,6 +26,7 @@ from gpt_service.inference.engine import Event
 from gpt_service.inference.errors import BackendConflict, BackendUnavailable, ModelExists, QueueFull
 from gpt_service.inference.registry import _identity, check_adapter
 from gpt_service.inference.sampling import SamplingParams
+from gpt_service.inference.text import TextAssembler
 from gpt_service.inference.vllm.client import VllmClient, completion_body
 from gpt_service.inference.vllm.process import VllmProcess
 from gpt_service.model_loading import load_tokenizer
@@ -190,7 +191,8 @@ class VllmBackend:
             raise QueueFull(f"{base.in_flight} requests are already running or waiting for this model")
         if self._http is None:
             self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
-        return _Flight(base, base.client.stream(self._http, completion_body(model.target, prompt_ids, params)))
+        body = completion_body(model.target, prompt_ids, params)
+        return _Flight(base, base.client.stream(self._http, body, TextAssembler(base.tokenizer, params.stop)))
 
     # -- the servers ---------------------------------------------------------------------------
 

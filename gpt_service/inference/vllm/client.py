@@ -1,8 +1,8 @@
 """vLLM's HTTP API, as the backend uses it: its model's context, runtime LoRA loading, streamed completions.
 
 Prompts go to vLLM as token ids, tokenized here with the model's own tokenizer, so the context check,
-the usage and what vLLM computes all count the same tokens. The answer comes back as vLLM's
-streamed `/v1/completions` chunks, turned into the `Event`s our routes already speak.
+the usage and what vLLM computes all count the same tokens. The answer comes back as the token ids
+of vLLM's streamed `/v1/completions` chunks, decoded here into the `Event`s our routes already speak.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import httpx
 from gpt_service.inference.engine import Event
 from gpt_service.inference.errors import AdapterMismatch, BackendUnavailable
 from gpt_service.inference.sampling import SamplingParams
+from gpt_service.inference.text import TextAssembler
 
 CONTROL_TIMEOUT = httpx.Timeout(120.0, connect=10.0)  # an adapter load reads its weights
 STREAM_TIMEOUT = httpx.Timeout(None, connect=10.0)  # a long answer may take minutes
@@ -26,7 +27,7 @@ def completion_body(model: str, prompt_ids: list[int], params: SamplingParams) -
     return {"model": model, "prompt": prompt_ids, "max_tokens": params.max_tokens,
             "temperature": 0.0 if params.greedy else params.temperature, "top_p": params.top_p,
             "top_k": params.top_k or -1, "repetition_penalty": params.repetition_penalty,
-            "stop": list(params.stop), "seed": params.seed, "skip_special_tokens": True,
+            "stop": list(params.stop), "seed": params.seed, "return_token_ids": True,
             "stream": True, "stream_options": {"include_usage": True}}
 
 
@@ -62,11 +63,13 @@ class VllmClient:
     def unload_adapter(self, lora_name: str) -> None:
         self._post("/v1/unload_lora_adapter", {"lora_name": lora_name})
 
-    async def stream(self, client: httpx.AsyncClient, body: dict[str, Any]) -> AsyncIterator[Event]:
+    async def stream(self, client: httpx.AsyncClient, body: dict[str, Any], text: TextAssembler
+                     ) -> AsyncIterator[Event]:
         """The answer's pieces as they come, then one final event with the finish reason and the usage.
 
-        A failure (vLLM's error, or its process gone) ends the stream with an `error` event, as our engine's
-        failures do.
+        The pieces are our own decoding of vLLM's token ids (`text`), so they are what our engine gives for the
+        same tokens: whole characters only, stop strings cut the same way. A failure (vLLM's error, or its
+        process gone) ends the stream with an `error` event, as our engine's failures do.
         """
         finish: Event | None = None
         try:
@@ -84,10 +87,15 @@ class VllmClient:
                         yield Event(finish_reason="error", error=f"vLLM: {chunk['error'].get('message')}")
                         return
                     for choice in chunk.get("choices", []):
+                        for token in choice.get("token_ids") or []:
+                            piece, stopped = text.add(token)
+                            if stopped:  # leaving the stream aborts vLLM's request
+                                yield Event(piece, "stop", len(body["prompt"]), len(text.tokens))
+                                return
+                            if piece:
+                                yield Event(piece)
                         if choice.get("finish_reason"):
-                            finish = Event(choice.get("text", ""), choice["finish_reason"])
-                        elif choice.get("text"):
-                            yield Event(choice["text"])
+                            finish = Event(text.flush(), choice["finish_reason"])
                     if chunk.get("usage") and finish is not None:
                         finish.prompt_tokens = chunk["usage"]["prompt_tokens"]
                         finish.completion_tokens = chunk["usage"]["completion_tokens"]

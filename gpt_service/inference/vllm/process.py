@@ -54,7 +54,7 @@ class VllmProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive:
-                raise BackendUnavailable(self.failure())
+                raise BackendUnavailable(f"{self._ended()}\nfix what it says, then load again")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
@@ -68,10 +68,13 @@ class VllmProcess:
 
     def failure(self) -> str:
         """Why the server is not there, for the 503 of its models and for /health."""
+        return (f"{self._ended()}\nload one of its models again (POST /models/load with replace: true) to "
+                "restart it")
+
+    def _ended(self) -> str:
         code = self._process.poll() if self._process else None
         return (f"the vLLM server for {self.what} (pid {self.pid}) exited with code {code}; its log "
-                f"({self.log_path}) ends:\n{self.log_tail()}\nload one of its models again (POST /models/load "
-                "with replace: true) to restart it")
+                f"({self.log_path}) ends:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
