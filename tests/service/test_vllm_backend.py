@@ -19,6 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from gpt_service.demo_model import build_demo_model
 from tests.conftest import QA_PAIRS, Server, free_port, qa_prompt, server_environment, write_jsonl
@@ -136,6 +137,27 @@ def test_a_burst_past_the_queue_answers_429(vsrv: Server) -> None:
     refused = next(a for a in answers if a.status_code == 429)
     assert refused.headers["Retry-After"] == "1" and "running or waiting" in refused.json()["detail"]
     assert models(vsrv)["base"]["running"] == 0  # every finished request left the count
+
+
+def vllm_requests_done(server: Server) -> float:
+    """Requests the vLLM server behind `server`'s models has finished, from vLLM's own /metrics."""
+    port = models(server)["a"]["vllm"]["port"]
+    families = text_string_to_metric_families(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+    return sum(sample.value for family in families if family.name == "vllm:request_success"
+               for sample in family.samples if sample.name == "vllm:request_success_total")
+
+
+def test_evaluate_answers_from_vllm(vsrv: Server) -> None:
+    before = vllm_requests_done(vsrv)
+    results = {name: requests.post(f"{vsrv.url}/evaluate", json={
+        "model_name": name, "dataset_path": "data/a.jsonl", "compare_to_base": True, "max_tokens": 48,
+        "num_examples": len(QA_PAIRS)}, timeout=600) for name in ("a", "builtin-a")}
+    assert all(r.status_code == 200 for r in results.values()), [r.text for r in results.values()]
+    ours, theirs = results["builtin-a"].json(), results["a"].json()
+    assert vllm_requests_done(vsrv) - before == 2 * len(QA_PAIRS)  # the adapter's and the base's answers
+    assert theirs["metrics"]["exact_match"] == 1.0 and theirs["examples"] == ours["examples"]
+    assert theirs["metrics"] == pytest.approx(ours["metrics"]) and theirs["base_metrics"] == pytest.approx(
+        ours["base_metrics"])
 
 
 def test_a_killed_vllm_server_answers_503_until_reloaded(vsrv: Server, vllm_workspace: dict) -> None:

@@ -10,18 +10,20 @@ a new one, which takes back every adapter the names still hold.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from gpt_service.evaluation.generation import Question
 from gpt_service.inference.engine import Event
 from gpt_service.inference.errors import BackendConflict, BackendUnavailable, ModelExists, QueueFull
 from gpt_service.inference.registry import _identity, check_adapter
@@ -193,6 +195,33 @@ class VllmBackend:
             self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         body = completion_body(model.target, prompt_ids, params)
         return _Flight(base, base.client.stream(self._http, body, TextAssembler(base.tokenizer, params.stop)))
+
+    def greedy_answers(self, model: VllmModel, questions: list[Question], on_answer: Callable[[], None]) -> list[str]:
+        """Each question's greedy answer from the model's vLLM server (a question without an adapter: from its
+        base), at most max_batch_size at once; blocking, so call it off the event loop."""
+        base = model.base
+        if not base.process.alive:
+            raise BackendUnavailable(base.process.failure())
+
+        async def answer_all() -> list[str]:
+            room = asyncio.Semaphore(self.settings.max_batch_size)
+            async with httpx.AsyncClient() as http:
+
+                async def one(question: Question) -> str:
+                    target = model.target if question.adapter else BASE_NAME
+                    params = SamplingParams(max_tokens=question.max_tokens, temperature=0.0)
+                    async with room:
+                        events = [event async for event in base.client.stream(
+                            http, completion_body(target, question.prompt_ids, params),
+                            TextAssembler(base.tokenizer, ()))]
+                    if events[-1].error:
+                        raise RuntimeError(events[-1].error)
+                    on_answer()
+                    return "".join(event.text for event in events)
+
+                return list(await asyncio.gather(*(one(question) for question in questions)))
+
+        return asyncio.run(answer_all())
 
     # -- the servers ---------------------------------------------------------------------------
 
