@@ -44,6 +44,15 @@ def vllm_python(settings: ServiceSettings) -> Path:
     return settings.vllm_python or Path(sys.prefix).parent / ".venv-vllm" / "bin" / "python"
 
 
+def vllm_command(settings: ServiceSettings, model_path: str, dtype: str, port: int, options: list[str]) -> list[str]:
+    """The command line of a base's vLLM server: its OpenAI server on 127.0.0.1, LoRA on, our batch size."""
+    return [str(vllm_python(settings)), "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+            "--served-model-name", BASE_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
+            "--enable-lora", "--max-lora-rank", str(settings.vllm_max_lora_rank),
+            "--max-loras", str(settings.vllm_max_loras), "--max-num-seqs", str(settings.max_batch_size),
+            *settings.vllm_args, *options]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -232,11 +241,7 @@ class VllmBackend:
             raise BackendUnavailable(f"no vLLM interpreter at {python}: run `{SETUP_COMMAND}`, or set "
                                      "GPT_SERVICE_VLLM_PYTHON to the python of a virtualenv that has vLLM")
         port = _free_port()
-        command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-                   "--served-model-name", BASE_NAME, "--host", "127.0.0.1", "--port", str(port),
-                   "--dtype", dtype, "--enable-lora", "--max-lora-rank", str(self.settings.vllm_max_lora_rank),
-                   "--max-loras", str(self.settings.vllm_max_loras),
-                   "--max-num-seqs", str(self.settings.max_batch_size), *self.settings.vllm_args, *options]
+        command = vllm_command(self.settings, model_path, dtype, port, options)
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
         if not self.settings.allow_downloads:
             env["HF_HUB_OFFLINE"] = "1"
