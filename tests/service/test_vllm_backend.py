@@ -200,3 +200,14 @@ def test_a_vllm_server_that_cannot_start_says_why(vsrv: Server, vllm_workspace: 
     assert answer.status_code == 503, answer.text
     assert "NoSuchModelForCausalLM" in answer.json()["detail"] and "log" in answer.json()["detail"]
     assert "broken" not in models(vsrv) and requests.get(f"{vsrv.url}/health").json()["engines_alive"]
+
+
+def test_without_vllm_a_load_names_the_set_up_command(workspace: Path, server_env: dict[str, str]) -> None:
+    env = server_env | {"GPT_SERVICE_VLLM_PYTHON": str(workspace / "no-venv" / "bin" / "python")}
+    server = Server(workspace, free_port(), env).start()
+    try:
+        answer = load(server, "tiny", backend="vllm")
+        assert answer.status_code == 503 and "bash scripts/setup-vllm.sh" in answer.json()["detail"], answer.text
+        assert load(server, "tiny").json()["backend"] == "builtin"  # the default backend, untouched
+    finally:
+        server.stop()
