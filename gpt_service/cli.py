@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo-model", help="build the tiny offline demo model")
     demo.add_argument("dir")
+    demo.add_argument("--num-heads", type=int, default=4, help="attention heads (2: heads of 32 dimensions, "
+                      "which vLLM's CPU attention needs)")
     commands.add_parser("train", help="fine-tune with LoRA (see `gpt-service train --help`)", add_help=False)
     commands.add_parser("evaluate", help="evaluate a model or adapter on a dataset (see `gpt-service evaluate "
                         "--help`)", add_help=False)
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from gpt_service.demo_model import build_demo_model
 
-        print(f"demo model written to {build_demo_model(args.dir)}")
+        print(f"demo model written to {build_demo_model(args.dir, num_heads=args.num_heads)}")
         return 0
     if args.command == "serve":
         return serve_command(args)

@@ -68,9 +68,13 @@ def build_demo_model(
     hidden_size: int = 64,
     num_layers: int = 2,
     vocab_size: int = 512,
+    num_heads: int = 4,
     seed: int = 0,
 ) -> Path:
-    """Write a ready-to-load model folder (safetensors, tokenizer, chat template) to `out_dir`."""
+    """Write a ready-to-load model folder (safetensors, tokenizer, chat template) to `out_dir`.
+
+    vLLM's CPU attention needs heads of 32 dimensions or more: `num_heads=2` (at hidden 64) gives them.
+    """
     out = Path(out_dir)
     tokenizer = build_tokenizer(vocab_size)
     eos_ids = [tokenizer.convert_tokens_to_ids(EOS_TOKEN), tokenizer.convert_tokens_to_ids(IM_END)]
@@ -79,8 +83,8 @@ def build_demo_model(
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=min(2, num_heads),
         max_position_embeddings=2048,
         initializer_range=0.3,
         tie_word_embeddings=True,

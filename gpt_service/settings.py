@@ -62,6 +62,17 @@ class ServiceSettings(BaseSettings):
     prefix_caching: bool = Field(True, description="Reuse the KV cache blocks of identical prompt prefixes "
                                  "(same base, same adapter) across requests.")
     max_waiting_requests: int = Field(256, ge=1, description="Requests queued per base model; past it, 429.")
+    serving_backend: str = Field("builtin", pattern="^(builtin|vllm)$", description="What serves a model that "
+                                 "/models/load names without a backend: our engine, or a vLLM server per base.")
+    vllm_python: Path | None = Field(None, description="The Python of a virtualenv with vLLM (default: "
+                                     ".venv-vllm/bin/python beside this one's, as scripts/setup-vllm.sh makes it).")
+    vllm_args: list[str] = Field(default_factory=list, description="Extra arguments for every vLLM server, e.g. "
+                                 '["--tensor-parallel-size", "2"] (JSON in the environment).')
+    vllm_start_timeout: float = Field(900.0, gt=0, description="Seconds a vLLM server gets to answer its health "
+                                      "check before its load fails with the end of its log.")
+    vllm_max_lora_rank: int = Field(64, description="Largest adapter rank a vLLM server accepts (vLLM allows 1, 8, "
+                                    "16, 32, 64, 128, 256, 320, 512).")
+    vllm_max_loras: int = Field(4, ge=1, description="Adapters a vLLM server batches together at once.")
     max_tokens_limit: int = Field(8192, ge=1, description="Largest max_tokens a request may ask for.")
     max_prompt_chars: int = Field(200_000, ge=1, description="Longest prompt, in characters.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body; past it, 413.")

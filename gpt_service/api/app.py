@@ -66,6 +66,7 @@ def create_app(settings: ServiceSettings | None = None, *, run_worker: bool = Tr
                 "worker_alive": worker.alive if worker else None,
                 "running_tasks": len(worker.children) if worker else 0,
                 "engines_alive": inference.engines_alive() if inference else None,
+                "vllm_failures": inference.vllm.failures() if inference else [],
                 "models_loaded": len(inference.models()) if inference else 0}
 
     return app

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 
 from gpt_service.config import ConfigError
 from gpt_service.errors import UserError
-from gpt_service.inference.errors import ModelExists, ModelNotLoaded, QueueFull
+from gpt_service.inference.errors import BackendConflict, BackendUnavailable, ModelExists, ModelNotLoaded, QueueFull
 from gpt_service.paths import PathOutsideRoot
 from gpt_service.tasks.submission import ConflictError, NotFoundError
 
@@ -27,11 +27,13 @@ STATUS_BY_ERROR: list[tuple[type[UserError], int]] = [
     (ModelNotLoaded, 404),
     (ConflictError, 409),
     (ModelExists, 409),
+    (BackendConflict, 409),
     (ConfigError, 422),
     (QueueFull, 429),
+    (BackendUnavailable, 503),
 ]
 OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                429: "rate_limit_error", 500: "server_error"}
+                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
 def status_for(exc: UserError) -> int:

@@ -26,6 +26,8 @@ WHY = {
     413: "The request body is over the server's limit.",
     422: "A field is missing, of the wrong type or out of range; the message names each one.",
     429: "Too many requests wait for this model; retry after the `Retry-After` seconds.",
+    503: "The model's vLLM server did not come up or has stopped; the message says why (its log's end). "
+         "Loading a model on that base again restarts it.",
 }
 
 

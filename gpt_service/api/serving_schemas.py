@@ -18,6 +18,29 @@ MAX_STOP = 8
 GUIDE_PROMPT = "用户：介绍一下Python\n助手："
 
 
+class VllmOptions(BaseModel):
+    """Engine options of the vLLM server a load starts (only when it starts one: a base's server is shared)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_parallel_size: int | None = Field(None, ge=1, le=1024, description="GPUs each layer is split over.")
+    pipeline_parallel_size: int | None = Field(None, ge=1, le=1024, description="Stages the layers are split in.")
+    max_model_len: int | None = Field(None, ge=16, description="Context length (default: the model's).")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="Share of each GPU's memory used.")
+    enforce_eager: bool | None = Field(None, description="No CUDA graphs: a faster start, slower decoding.")
+
+    def args(self) -> list[str]:
+        """The vLLM command line flags for the options set."""
+        flags: list[str] = []
+        for name, value in self.model_dump(exclude_none=True).items():
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool):
+                flags += [flag] if value else []
+            else:
+                flags += [flag, str(value)]
+        return flags
+
+
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -27,6 +50,11 @@ class LoadRequest(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
         None, description="Weights precision; default: the server's serve_dtype (auto = bf16 where fast).")
     replace: bool = Field(False, description="Replace a model already loaded under this name.")
+    backend: Literal["builtin", "vllm"] | None = Field(
+        None, description="What serves it: our engine, or a vLLM server started for its base model (default: the "
+        "server's serving_backend).")
+    vllm: VllmOptions | None = Field(None, description="Engine options of the vLLM server, when this load starts "
+                                     "one (backend vllm only).")
 
 
 class UnloadRequest(BaseModel):

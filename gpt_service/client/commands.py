@@ -160,13 +160,14 @@ def resume(api: ApiClient, args: argparse.Namespace) -> int:
 
 def load(api: ApiClient, args: argparse.Namespace) -> int:
     body = {"model_name": args.model_name, "model_path": args.model_path,
-            **given(args, ("lora_adapter", "dtype")), "replace": args.replace}
+            **given(args, ("lora_adapter", "dtype", "backend")), "replace": args.replace}
     model = api.call("POST", "/models/load", body=body)
     if args.json:
         print_json(model)
     else:
         adapter = f" with adapter {model['lora_adapter']}" if model.get("lora_adapter") else ""
-        print(f"loaded {model['model_name']}: {model['base_model']}{adapter} ({model.get('dtype')})")
+        print(f"loaded {model['model_name']}: {model['base_model']}{adapter} ({model.get('dtype')}, "
+              f"{model.get('backend')})")
     return OK
 
 

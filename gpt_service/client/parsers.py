@@ -71,6 +71,7 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     load.add_argument("--lora_adapter", "--lora-adapter", "--adapter", help="adapter folder under models/")
     load.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
     load.add_argument("--replace", action="store_true", help="replace a model loaded under this name")
+    load.add_argument("--backend", choices=("builtin", "vllm"), help="what serves it (default: the server's)")
     add("unload", "unload a model").add_argument("model_name")
     add("models", "list the loaded models")
     generate = add("generate", "stream a model's continuation of a prompt to stdout")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from gpt_service.model_loading import load_tokenizer
 
 ProgressCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
+# Greedy answers to questions, calling back after each; default: the base's own engine (greedy_answers).
+Answerer = Callable[[list[Question], Callable[[], None]], list[str]]
 FIGURES = ("loss", "perplexity", "token_accuracy", "exact_match", "chrf")
 
 
@@ -74,7 +77,8 @@ def _samples(prompted: list[Prompted], answers: list[list[str]], scores: list[An
 
 
 def run_evaluation(served: ServedModel, data: EvalSet, options: EvaluationOptions,
-                   on_progress: ProgressCallback | None = None, should_stop: StopCheck | None = None) -> dict[str, Any]:
+                   on_progress: ProgressCallback | None = None, should_stop: StopCheck | None = None,
+                   answer: Answerer | None = None) -> dict[str, Any]:
     """Measure `served` (its adapter on, if it has one) and, with compare_to_base, its base alone."""
     started = time.perf_counter()
     check_comparison(options, served.adapter)
@@ -87,7 +91,7 @@ def run_evaluation(served: ServedModel, data: EvalSet, options: EvaluationOption
     tokens = [token_figures(base, v, data.examples, options.batch_size, steps.advance) for v in variants]
     questions = [Question(p.prompt_ids, v, min(options.max_tokens, limit - len(p.prompt_ids)))
                  for v in variants for p in prompted]
-    answers = greedy_answers(base.engine, questions, steps.advance)
+    answers = (answer or partial(greedy_answers, base.engine))(questions, steps.advance)
     per_variant = [answers[i * len(prompted) : (i + 1) * len(prompted)] for i in range(len(variants))]
     references = [p.reference for p in prompted]
     scores = [score_answers(a, references) for a in per_variant] if prompted else []
@@ -105,16 +109,19 @@ def run_evaluation(served: ServedModel, data: EvalSet, options: EvaluationOption
 
 
 def evaluate_served(served: ServedModel, records: list[Record], options: EvaluationOptions,
-                    on_progress: ProgressCallback | None = None, should_stop: StopCheck | None = None
-                    ) -> dict[str, Any]:
+                    on_progress: ProgressCallback | None = None, should_stop: StopCheck | None = None,
+                    answer: Answerer | None = None) -> dict[str, Any]:
     """Evaluate a loaded model on `records` (already read from options.dataset_path)."""
     data = load_eval_set(served.base.tokenizer, records, options)
-    return run_evaluation(served, data, options, on_progress, should_stop)
+    return run_evaluation(served, data, options, on_progress, should_stop, answer)
 
 
 def evaluate_job(job: EvaluationJob, on_progress: ProgressCallback | None = None,
-                 should_stop: StopCheck | None = None) -> dict[str, Any]:
-    """Load the job's model (and adapter) in this process, evaluate it, and let it go."""
+                 should_stop: StopCheck | None = None, answer: Answerer | None = None) -> dict[str, Any]:
+    """Load the job's model (and adapter) in this process, evaluate it, and let it go.
+
+    With `answer`, the answers come from elsewhere (a vLLM server of the same model), the token figures from here.
+    """
     started = time.perf_counter()
     check_comparison(job, job.lora_adapter)
     records = read_eval_records(job)
@@ -123,7 +130,7 @@ def evaluate_job(job: EvaluationJob, on_progress: ProgressCallback | None = None
     try:
         served = registry.load(job.model_name or Path(job.model_path).name, job.model_path, job.lora_adapter,
                                job.dtype)
-        result = evaluate_served(served, records, job, on_progress, should_stop)
+        result = evaluate_served(served, records, job, on_progress, should_stop, answer)
     finally:
         registry.close()
     return result | {"time_seconds": round(time.perf_counter() - started, 3)}

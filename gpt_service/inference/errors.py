@@ -21,3 +21,11 @@ class ContextTooLong(UserError):
 
 class QueueFull(UserError):
     """More requests wait than the engine accepts (429, with Retry-After)."""
+
+
+class BackendConflict(UserError):
+    """A base model's serving process already runs with other engine options (409)."""
+
+
+class BackendUnavailable(UserError):
+    """A serving process (vLLM) that is not there: it never came up, or it died (503)."""

@@ -1,6 +1,7 @@
 """POST /evaluate: loss, perplexity, token accuracy and answer scores of a model or adapter on a dataset.
 
-A short evaluation answers at once, computed in a worker thread so the server keeps answering.
+A short evaluation answers at once, computed in a worker thread so the server keeps answering. A model
+served by vLLM answers its questions from its vLLM server; its loss comes from the model loaded here.
 One of more than `evaluate_task_threshold` samples is queued as a task of kind "evaluate" with the
 trainings (202 with a task_id); GET /train/status/{task_id} follows it, and its `result` holds the
 figures once it is completed. Everything a user can get wrong is checked before either starts.
@@ -9,6 +10,7 @@ figures once it is completed. Everything a user can get wrong is checked before 
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,7 @@ def _check_for_task(job: EvaluationJob, records: list[Record], tokenizer: Any) -
 
 @router.post("/evaluate", status_code=200, responses={
     202: {"description": "More samples than `evaluate_task_threshold`: queued as a task; follow its `task_id`."},
-    **errors(400, 403, 404, 409, 413, 422, 429)})
+    **errors(400, 403, 404, 409, 413, 422, 429, 503)})
 async def evaluate(body: EvaluateRequest, request: Request, response: Response) -> dict[str, Any]:
     settings: ServiceSettings = request.app.state.settings
     if body.max_tokens > settings.max_tokens_limit:
@@ -61,10 +63,10 @@ async def evaluate(body: EvaluateRequest, request: Request, response: Response) 
     dataset = dataset_file(body.dataset_path, settings, "dataset_path", body.dataset_format)
     options = body.options().model_copy(update={"dataset_path": str(dataset)})
     records = await asyncio.to_thread(read_eval_records, options)
-    registry = get_inference(request).registry
-    served = registry.get(body.model_name) if body.model_name else None
+    inference = get_inference(request)
+    served = inference.get(body.model_name) if body.model_name else None
     job = _job(body, options, served, settings)
-    served = served or registry.find(job.model_path, job.lora_adapter, job.dtype)  # no second copy of it
+    served = served or inference.registry.find(job.model_path, job.lora_adapter, job.dtype)  # no second copy
     check_comparison(options, job.lora_adapter)
     if len(records) > settings.evaluate_task_threshold:
         await asyncio.to_thread(_check_for_task, job, records, served.base.tokenizer if served else None)
@@ -74,7 +76,10 @@ async def evaluate(body: EvaluateRequest, request: Request, response: Response) 
         response.status_code = 202
         return {"task_id": task_id, "status": "pending", "kind": "evaluate", "samples": len(records)}
     from gpt_service.evaluation.evaluate import evaluate_job, evaluate_served
+    from gpt_service.inference.vllm.backend import VllmModel
 
+    if isinstance(served, VllmModel):  # the answers from its vLLM server, the token figures from our forward
+        return await asyncio.to_thread(evaluate_job, job, answer=partial(inference.vllm.greedy_answers, served))
     if served is not None:
         return await asyncio.to_thread(evaluate_served, served, records, options)
     return await asyncio.to_thread(evaluate_job, job)

@@ -95,7 +95,8 @@ async def _chunks(head: dict[str, Any], streams: list[AsyncIterator[Any]], chat:
             await stream.aclose()  # type: ignore[attr-defined]
 
 
-@router.post("/completions", response_model=None, responses=STREAMED | errors(400, 404, 413, 422, 429, openai=True))
+@router.post("/completions", response_model=None,
+             responses=STREAMED | errors(400, 404, 413, 422, 429, 503, openai=True))
 async def completions(body: CompletionRequest, request: Request) -> Any:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
@@ -105,7 +106,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
 
 @router.post("/chat/completions", response_model=None,
-             responses=STREAMED | errors(400, 404, 413, 422, 429, openai=True))
+             responses=STREAMED | errors(400, 404, 413, 422, 429, 503, openai=True))
 async def chat_completions(body: ChatRequest, request: Request) -> Any:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     return await _run(request, body, prompt=None, messages=messages, default_tokens=DEFAULT_CHAT_TOKENS, chat=True)

@@ -68,12 +68,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-@router.post("/models/load", responses=errors(400, 403, 404, 409, 413, 422))
+@router.post("/models/load", responses=errors(400, 403, 404, 409, 413, 422, 503))
 async def load_model(body: LoadRequest, request: Request) -> dict[str, Any]:
     settings: ServiceSettings = request.app.state.settings
+    backend = body.backend or settings.serving_backend
+    if body.vllm is not None and backend != "vllm":
+        raise UserError('vllm options apply to the vLLM backend only; send "backend": "vllm" with them')
     model_path = model_location(body.model_path, settings, "model_path")
     adapter = adapter_folder(body.lora_adapter, settings)
-    info = await get_inference(request).load(body.model_name, model_path, adapter, body.dtype, body.replace)
+    options = tuple(body.vllm.args()) if body.vllm else ()
+    info = await get_inference(request).load(body.model_name, model_path, adapter, body.dtype, body.replace,
+                                             backend, options)
     return {"status": "loaded", **info}
 
 
@@ -95,7 +100,7 @@ def unload_model(body: UnloadRequest, request: Request) -> dict[str, Any]:
 
 
 @router.post("/generate", response_model=None,
-             responses={200: {**STREAMED[200], "model": GenerateAnswer}, **errors(400, 404, 413, 422, 429)})
+             responses={200: {**STREAMED[200], "model": GenerateAnswer}, **errors(400, 404, 413, 422, 429, 503)})
 async def generate(body: GenerateRequest, request: Request) -> dict[str, Any] | StreamingResponse:
     settings: ServiceSettings = request.app.state.settings
     check_prompt_size(body.prompt, settings)
