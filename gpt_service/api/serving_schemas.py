@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gpt_service.config import QuantizationSettings
+
 
 def model_name_field(example: str) -> Any:
     return Field(..., min_length=1, max_length=128, pattern=r"^[\w.:/@+-]+$",
@@ -55,6 +57,9 @@ class LoadRequest(BaseModel):
         "server's serving_backend).")
     vllm: VllmOptions | None = Field(None, description="Engine options of the vLLM server, when this load starts "
                                      "one (backend vllm only).")
+    quantization: QuantizationSettings | None = Field(
+        None, description='Load the base in 4 or 8 bits (bitsandbytes), e.g. {"bits": 4, "type": "nf4"}, as a QLoRA '
+        "adapter was trained; computing in dtype (builtin backend only).")
 
 
 class UnloadRequest(BaseModel):

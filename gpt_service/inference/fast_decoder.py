@@ -206,6 +206,8 @@ class FastDecoder:
             return f"{type(lm).__name__} is not one of {', '.join(cls.ARCHITECTURES)}"
         if lm.training:
             return "the model is in training mode"
+        if getattr(lm, "is_quantized", False):
+            return "a quantized base (its bitsandbytes layers run through the model's own forward)"
         layer_types = getattr(lm.config, "layer_types", None)
         window = getattr(lm.config, "sliding_window", None)
         if any(kind != "full_attention" for kind in layer_types or ()) or (

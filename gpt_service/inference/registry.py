@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from gpt_service.config import QuantizationSettings
 from gpt_service.hardware import bf16_available, default_device
 from gpt_service.inference.engine import BatchEngine, EngineOptions
 from gpt_service.inference.errors import AdapterMismatch, ModelExists, ModelNotLoaded
 from gpt_service.model_loading import load_causal_lm, load_tokenizer
 from gpt_service.model_sources import HUB_ID
+from gpt_service.quantization import bitsandbytes_config, check_available
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,6 +75,7 @@ class BaseModel:
     model: Any  # the plain model, or the PeftModel holding every adapter once one is loaded
     tokenizer: Any
     weight_bytes: int
+    quantization: str | None  # "4-bit nf4", "8-bit": loaded through bitsandbytes
     engine: BatchEngine = field(init=False)
     adapters: dict[str, str] = field(default_factory=dict)  # PEFT adapter name -> folder
     users: set[str] = field(default_factory=set)
@@ -92,7 +95,8 @@ class ServedModel:
                                 if f".{self.adapter}." in n)
         running, waiting = self.base.engine.load
         return {"model_name": self.name, "base_model": self.base.source, "lora_adapter": self.adapter_path,
-                "dtype": str(self.base.dtype).removeprefix("torch."), "base_memory_bytes": self.base.weight_bytes,
+                "dtype": str(self.base.dtype).removeprefix("torch."), "quantization": self.base.quantization,
+                "base_memory_bytes": self.base.weight_bytes,
                 "adapter_memory_bytes": adapter_bytes, "shared_with": sorted(self.base.users - {self.name}),
                 "running": running, "waiting": waiting,
                 "context_length": context_length(self.base.model, self.base.tokenizer),
@@ -104,10 +108,15 @@ def context_length(model: Any, tokenizer: Any) -> int:
     return int(getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length)
 
 
+def _key(base: BaseModel) -> tuple[str, torch.dtype, str | None]:
+    """Bases are shared by source, dtype and quantization."""
+    return _identity(base.source), base.dtype, base.quantization
+
+
 class ModelRegistry:
     def __init__(self, options: EngineOptions | None = None) -> None:
         self.options = options or EngineOptions()
-        self._bases: dict[tuple[str, torch.dtype], BaseModel] = {}
+        self._bases: dict[tuple[str, torch.dtype, str | None], BaseModel] = {}
         self._names: dict[str, ServedModel] = {}
         self._lock = threading.RLock()  # loads and unloads one at a time
         self._counter = 0
@@ -123,22 +132,26 @@ class ModelRegistry:
         return list(self._names.values())
 
     def find(self, model_path: str, lora_adapter: str | None, dtype: str) -> ServedModel | None:
-        """A loaded model on this base (same folder or hub id, same dtype) with this adapter, if there is one."""
-        wanted = (_identity(model_path), resolve_dtype(dtype), _identity(lora_adapter) if lora_adapter else None)
+        """A loaded model on this base (same folder or hub id, same dtype, unquantized) with this adapter, if any."""
+        wanted = (_identity(model_path), resolve_dtype(dtype), None, _identity(lora_adapter) if lora_adapter else None)
         return next((served for served in self._names.values()
-                     if (_identity(served.base.source), served.base.dtype,
-                         _identity(served.adapter_path) if served.adapter_path else None) == wanted), None)
+                     if (*_key(served.base), _identity(served.adapter_path) if served.adapter_path else None)
+                     == wanted), None)
 
     def load(self, name: str, model_path: str, lora_adapter: str | None, dtype: str = "auto",
-             replace: bool = False) -> ServedModel:
-        """Load (or reuse) the base and add the adapter; blocking, so call it off the event loop."""
+             replace: bool = False, quantization: QuantizationSettings | None = None) -> ServedModel:
+        """Load (or reuse) the base and add the adapter; blocking, so call it off the event loop.
+
+        With `quantization`, the base is loaded in 4 or 8 bits (bitsandbytes), computing in `dtype`.
+        """
         with self._lock:
             if name in self._names and not replace:
                 raise ModelExists(f"a model named {name!r} is already loaded; unload it or pass replace: true")
             torch_dtype = resolve_dtype(dtype)
             if lora_adapter:
                 check_adapter(Path(lora_adapter), model_path)
-            base = self._bases.get((_identity(model_path), torch_dtype)) or self._load_base(model_path, torch_dtype)
+            key = (_identity(model_path), torch_dtype, quantization.describe() if quantization else None)
+            base = self._bases.get(key) or self._load_base(model_path, torch_dtype, quantization)
             adapter = self._add_adapter(base, lora_adapter) if lora_adapter else None
             if name in self._names:
                 self.unload(name)
@@ -156,7 +169,7 @@ class ModelRegistry:
             base = served.base
             base.users.discard(name)
             if not base.users:
-                del self._bases[(_identity(base.source), base.dtype)]
+                del self._bases[_key(base)]
                 threading.Thread(target=base.engine.close, name=f"unload-{name}", daemon=True).start()
             elif served.adapter:
                 threading.Thread(target=self._retire_adapter, args=(base, served.adapter), daemon=True).start()
@@ -165,16 +178,21 @@ class ModelRegistry:
         for name in list(self._names):
             self.unload(name)
 
-    def _load_base(self, model_path: str, dtype: torch.dtype) -> BaseModel:
+    def _load_base(self, model_path: str, dtype: torch.dtype, quantization: QuantizationSettings | None) -> BaseModel:
+        device = default_device()
+        if quantization:
+            check_available(device.type)
         tokenizer = load_tokenizer(model_path)
-        model = load_causal_lm(model_path, dtype, default_device())
+        model = load_causal_lm(model_path, dtype, device,
+                               quantization=bitsandbytes_config(quantization, dtype) if quantization else None)
         model.eval()
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else {tokenizer.eos_token_id}
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        base = BaseModel(model_path, dtype, model, tokenizer, weight_bytes)
+        weight_bytes = model.get_memory_footprint()
+        base = BaseModel(model_path, dtype, model, tokenizer, weight_bytes,
+                         quantization.describe() if quantization else None)
         base.engine = BatchEngine(lambda: base.model, tokenizer, eos_ids, self.options, name=Path(model_path).name)
-        self._bases[(_identity(model_path), dtype)] = base
+        self._bases[_key(base)] = base
         return base
 
     def _add_adapter(self, base: BaseModel, folder: str) -> str:

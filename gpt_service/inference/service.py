@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from gpt_service.chat import Message, render_chat
+from gpt_service.config import QuantizationSettings
 from gpt_service.inference.engine import EngineOptions, Event, GenerationRequest
 from gpt_service.inference.errors import ContextTooLong, ModelExists, ModelNotLoaded
 from gpt_service.inference.registry import ModelRegistry, ServedModel, context_length
@@ -43,7 +44,8 @@ class InferenceService:
         self.generated_tokens: Counter[str] = Counter()  # per model name, for /metrics
 
     async def load(self, name: str, model_path: str, lora_adapter: str | None, dtype: str | None,
-                   replace: bool, backend: str | None = None, vllm_options: tuple[str, ...] = ()) -> dict[str, Any]:
+                   replace: bool, backend: str | None = None, vllm_options: tuple[str, ...] = (),
+                   quantization: QuantizationSettings | None = None) -> dict[str, Any]:
         """Load on the chosen backend; a name taken on the other one goes from there (with `replace`)."""
         on_vllm = (backend or self.default_backend) == "vllm"
         on_builtin = any(served.name == name for served in self.registry.list())
@@ -55,7 +57,8 @@ class InferenceService:
             served: Served = await asyncio.to_thread(self.vllm.load, name, model_path, lora_adapter, dtype, replace,
                                                      list(vllm_options))
         else:
-            served = await asyncio.to_thread(self.registry.load, name, model_path, lora_adapter, dtype, replace)
+            served = await asyncio.to_thread(self.registry.load, name, model_path, lora_adapter, dtype, replace,
+                                             quantization)
         if elsewhere:
             await asyncio.to_thread((self.registry if on_vllm else self.vllm).unload, name)
         return self.describe(served)

@@ -21,7 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gpt_service.config import QuantizationSettings, TrainConfig
 from gpt_service.data.batching import collate
+from gpt_service.evaluation.generation import Question, greedy_answers
 from gpt_service.hardware import Precision
+from gpt_service.inference.registry import ModelRegistry
 from gpt_service.quantization import bitsandbytes_config, keep_trainable_layout
 from gpt_service.training.loss import summed_token_loss
 from gpt_service.training.recipe import run_lora_finetune
@@ -96,7 +98,7 @@ def test_quantized_step_through_the_lean_branch_equals_peft(tiny_model: Path, se
 
 
 @pytest.mark.slow
-def test_a_4bit_run_with_checkpointing_learns_its_answers(tiny_model: Path, tmp_path: Path) -> None:
+def test_a_4bit_run_with_checkpointing_learns_its_answers_and_is_served_4bit(tiny_model: Path, tmp_path: Path) -> None:
     dataset = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": qa_prompt(q), "completion": a} for q, a in QA_PAIRS])
     losses: list[float] = []
     result = run_lora_finetune(TrainConfig(
@@ -117,3 +119,24 @@ def test_a_4bit_run_with_checkpointing_learns_its_answers(tiny_model: Path, tmp_
             predicted = model(input_ids=ids).logits[0, :-1].argmax(-1)
         answer = torch.tensor(example.labels[1:]) != -100
         assert predicted[answer].tolist() == ids[0, 1:][answer].tolist()
+
+    # Served on a 4-bit base by our engine, all prompts in one batch: PEFT's `generate`, one at a time.
+    registry = ModelRegistry()
+    try:
+        served = registry.load("qlora", str(tiny_model), result.adapter_dir, "float32",
+                               quantization=QuantizationSettings(bits=4, type="nf4"))
+        assert served.describe()["quantization"] == "4-bit nf4"
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+            tiny_model, device_map={"": "cpu"}, dtype=torch.float32,
+            quantization_config=bitsandbytes_config(QuantizationSettings(bits=4, type="nf4"), torch.float32)),
+            result.adapter_dir).eval()
+        prompts = [tokenizer(qa_prompt(q)).input_ids for q, _ in QA_PAIRS]
+        expected = []
+        for ids in prompts:
+            with torch.no_grad():
+                out = reference.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+            expected.append(out[0, len(ids):].tolist())
+        answers = greedy_answers(served.base.engine, [Question(ids, served.adapter, 24) for ids in prompts])
+        assert answers == [tokenizer.decode(e, skip_special_tokens=True) for e in expected]
+    finally:
+        registry.close()

@@ -74,11 +74,14 @@ async def load_model(body: LoadRequest, request: Request) -> dict[str, Any]:
     backend = body.backend or settings.serving_backend
     if body.vllm is not None and backend != "vllm":
         raise UserError('vllm options apply to the vLLM backend only; send "backend": "vllm" with them')
+    if body.quantization is not None and backend == "vllm":
+        raise UserError('quantization applies to the builtin backend; for vLLM pass its own "--quantization" '
+                        "in GPT_SERVICE_VLLM_ARGS")
     model_path = model_location(body.model_path, settings, "model_path")
     adapter = adapter_folder(body.lora_adapter, settings)
     options = tuple(body.vllm.args()) if body.vllm else ()
     info = await get_inference(request).load(body.model_name, model_path, adapter, body.dtype, body.replace,
-                                             backend, options)
+                                             backend, options, body.quantization)
     return {"status": "loaded", **info}
 
 
