@@ -54,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for train_throughput's helpers
 
-from train_throughput import (  # noqa: E402
+from train_throughput import (
     REPO,
     OtherLoad,
     _lora_config,
@@ -328,8 +328,8 @@ def main() -> None:
         build_setup(args.keep, args)
         base_loss, _ = child(args, "eval", "-")
         header.append(
-            f"model: hidden {HIDDEN}, {args.layers} layers, vocabulary {VOCAB:,}, tied, bf16; {BATCH_SIZE * args.steps} "
-            f"train samples of {args.seq_len} tokens, batch {BATCH_SIZE}, {args.steps} steps; {args.eval_samples} "
+            f"model: hidden {HIDDEN}, {args.layers} layers, vocabulary {VOCAB:,}, tied, bf16; "
+            f"{BATCH_SIZE * args.steps} train samples of {args.seq_len} tokens, batch {BATCH_SIZE}, {args.steps} steps; {args.eval_samples} "
             f"held-out samples, base model validation loss {base_loss:.4f}"
             + (f"; MALLOC_ARENA_MAX={args.malloc_arena_max}" if args.malloc_arena_max else ""))
         print(header[-1], flush=True)
