@@ -329,8 +329,8 @@ def main() -> None:
         base_loss, _ = child(args, "eval", "-")
         header.append(
             f"model: hidden {HIDDEN}, {args.layers} layers, vocabulary {VOCAB:,}, tied, bf16; "
-            f"{BATCH_SIZE * args.steps} train samples of {args.seq_len} tokens, batch {BATCH_SIZE}, {args.steps} steps; "
-            f"{args.eval_samples} held-out samples, base model validation loss {base_loss:.4f}"
+            f"{BATCH_SIZE * args.steps} train samples of {args.seq_len} tokens, batch {BATCH_SIZE}, "
+            f"{args.steps} steps; {args.eval_samples} held-out samples, base model validation loss {base_loss:.4f}"
             + (f"; MALLOC_ARENA_MAX={args.malloc_arena_max}" if args.malloc_arena_max else ""))
         print(header[-1], flush=True)
         results: dict[str, Result] = {}
