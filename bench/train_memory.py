@@ -40,13 +40,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +60,8 @@ from train_throughput import (
     load_average,
     machine,
     make_samples,
+    publish,
+    quiet_libraries,
     validation_loss,
     wait_until_idle,
 )
@@ -300,13 +300,7 @@ def main() -> None:
     if unknown := set(runs) - set(CONTENDERS):
         parser.error(f"unknown run(s) {', '.join(sorted(unknown))}; choose from {', '.join(CONTENDERS)}")
 
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_libraries(args.threads)
     if args.child:
         kind, what = args.child
         if kind == "train":
@@ -345,16 +339,7 @@ def main() -> None:
                   f"{result.steps} steps, peak RSS {peak / GB:.2f} GB, val loss {result.val_loss:.4f}, other "
                   f"processes' CPU share {100 * result.other_load:.0f}%", flush=True)
     footer = [*verdict(results), f"1-minute load average at the end: {load_average()}"]
-    report = "\n".join(["", *table(results), "", *footer])
-    print(report)
-    if args.results:
-        command = " ".join([".venv/bin/python bench/train_memory.py", *sys.argv[1:]])
-        args.results.write_text(
-            "# Training memory\n\n"
-            f"`{command}` ({time.strftime('%Y-%m-%d %H:%M %Z')})\n\n"
-            + "".join(f"- {line}\n" for line in header) + report + "\n",
-            encoding="utf-8",
-        )
+    publish("\n".join(["", *table(results), "", *footer]), "Training memory", header, args.results)
 
 
 if __name__ == "__main__":

@@ -484,6 +484,31 @@ def load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
 
 
+def quiet_libraries(threads: int) -> None:
+    """Use `threads` torch threads; no warnings, library logs below ERROR, or progress bars in the report."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def publish(report: str, title: str, header: list[str], path: Path | None) -> None:
+    """Print the report; with `path`, also write it there as Markdown: a title, the command that ran
+    this script, the header as a list, then the report."""
+    print(report)
+    if path is None:
+        return
+    command = " ".join([f".venv/bin/python bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    path.write_text(
+        f"# {title}\n\n`{command}` ({time.strftime('%Y-%m-%d %H:%M %Z')})\n\n"
+        + "".join(f"- {line}\n" for line in header) + report + "\n",
+        encoding="utf-8",
+    )
+
+
 def run_one(key: str, setup: Setup, args: argparse.Namespace) -> Result:
     """Train with one contender, timing it, then score its adapter on the held-out samples."""
     out = setup.root / f"run-{key}"
@@ -531,13 +556,7 @@ def main() -> None:
     if unknown := set(runs) - {"a", "b0", "b", "c"}:
         parser.error(f"unknown run(s) {', '.join(sorted(unknown))}; choose from a, b0, b, c")
 
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_libraries(args.threads)
     import datasets
 
     datasets.disable_progress_bars()
@@ -578,16 +597,7 @@ def main() -> None:
                       "of the measured bf16 matmul peak")
     footer += verdict(results)
     footer.append(f"1-minute load average at the end: {load_average()}")
-    report = "\n".join(["", *table(results), "", *footer])
-    print(report)
-    if args.results:
-        command = " ".join([".venv/bin/python bench/train_throughput.py", *sys.argv[1:]])
-        args.results.write_text(
-            "# Training throughput\n\n"
-            f"`{command}` ({time.strftime('%Y-%m-%d %H:%M %Z')})\n\n"
-            + "".join(f"- {line}\n" for line in header) + report + "\n",
-            encoding="utf-8",
-        )
+    publish("\n".join(["", *table(results), "", *footer]), "Training throughput", header, args.results)
 
 
 if __name__ == "__main__":
