@@ -30,16 +30,21 @@ estimate within 15% of the measured peak.
 
 Options: `--only ckpt,trl-ckpt` runs only some; `--steps N` (default 2); `--layers 2 --seq-len 128`
 for a quick check of the script; `--malloc-arena-max N` sets MALLOC_ARENA_MAX in the runs;
-`--keep DIR` keeps the model, data and adapters; `--results FILE` also writes the report there;
-`--wait-idle SECONDS` waits for the other processes to go quiet before each run (the table's last
-column is the share of the CPUs that other processes took during each run).
+`--keep DIR` keeps the model, data, adapters and each run's figures (DIR/results.json), and
+`--keep DIR --reuse` measures only the runs not yet there (the set-up kept); `--results FILE`
+also writes the report there (after every run); `--wait-idle SECONDS` waits for the other processes
+to go quiet before each run (the table's last column is the share of the CPUs that other processes
+took during each run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -101,6 +106,7 @@ class Result:
     peak_rss: int = 0  # bytes
     val_loss: float = float("nan")
     estimate: int | None = None  # bytes
+    adapter: str = ""
 
     @property
     def tokens_per_second(self) -> float:
@@ -137,6 +143,23 @@ def build_setup(root: Path, args: argparse.Namespace) -> None:
                          cap=args.seq_len, vocab=VOCAB)
     (root / "train.json").write_text(json.dumps([{"text": t} for t in texts[:n_train]]), encoding="utf-8")
     (root / "eval.json").write_text(json.dumps(texts[n_train:]), encoding="utf-8")
+
+
+def setup_description(args: argparse.Namespace) -> dict[str, Any]:
+    """What a set-up and its measurements depend on: runs measured under another are not reused."""
+    return {"layers": args.layers, "seq_len": args.seq_len, "steps": args.steps, "eval_samples": args.eval_samples,
+            "seed": args.seed, "threads": args.threads, "malloc_arena_max": args.malloc_arena_max}
+
+
+def setup_is_there(root: Path, args: argparse.Namespace) -> bool:
+    """Whether `root` holds the set-up `build_setup` would write for `args` (for --reuse)."""
+    try:
+        layers = json.loads((root / "model" / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"]
+        train, held_out = token_ids(root, "train.json"), token_ids(root, "eval.json")
+    except (OSError, ValueError, KeyError):
+        return False
+    return (layers == args.layers and len(train) == BATCH_SIZE * args.steps and len(held_out) == args.eval_samples
+            and {len(ids) for ids in train + held_out} == {args.seq_len})
 
 
 def token_ids(root: Path, name: str) -> list[list[int]]:
@@ -244,7 +267,7 @@ def estimate(root: Path, key: str, args: argparse.Namespace) -> int | None:
 def table(results: dict[str, Result]) -> list[str]:
     lines = ["| run | steps | real tokens/s | peak RSS | estimate | estimate error | val loss | others' CPU share |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in results.values():
+    for r in sorted(results.values(), key=lambda r: list(CONTENDERS).index(r.key)):
         est = "–" if r.estimate is None else f"{r.estimate / GB:.2f} GB"
         err = "–" if r.estimate_error is None else f"{100 * r.estimate_error:+.1f}%"
         lines.append(f"| {r.name} | {r.steps} | {r.tokens_per_second:,.0f} | {r.peak_rss / GB:.2f} GB | {est} | "
@@ -280,6 +303,17 @@ def verdict(results: dict[str, Result]) -> list[str]:
     return lines
 
 
+def report(results: dict[str, Result], header: list[str], path: Path | None, quiet: bool = False) -> None:
+    """The table and the targets: printed (unless `quiet`) and, with `path`, written there."""
+    footer = [*verdict(results), f"1-minute load average at the end: {load_average()}"]
+    text = "\n".join(["", *table(results), "", *footer])
+    if quiet:
+        with contextlib.redirect_stdout(io.StringIO()):
+            publish(text, "Training memory", header, path)
+    else:
+        publish(text, "Training memory", header, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default=",".join(CONTENDERS), help=f"which runs, of {', '.join(CONTENDERS)}")
@@ -290,7 +324,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--malloc-arena-max", type=int, default=0, help="MALLOC_ARENA_MAX for the runs (0: unset)")
-    parser.add_argument("--keep", type=Path, help="keep the model, data and adapters in this folder")
+    parser.add_argument("--keep", type=Path, help="keep the model, data, adapters and results in this folder")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --keep: reuse the set-up there and the runs measured there (its results.json)")
     parser.add_argument("--results", type=Path, help="also write the report, as Markdown, to this file")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                         help="before each run, wait up to this long for other processes to go quiet")
@@ -319,27 +355,50 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         args.keep = args.keep or Path(tmp)
         args.keep.mkdir(parents=True, exist_ok=True)
-        build_setup(args.keep, args)
-        base_loss, _ = child(args, "eval", "-")
+        record = args.keep / "results.json"  # the set-up's description and every run measured on it
+        done = json.loads(record.read_text(encoding="utf-8")) if args.reuse and record.exists() else {}
+        if done.get("setup") != setup_description(args):
+            done = {"setup": setup_description(args), "runs": {}}
+        if not (args.reuse and setup_is_there(args.keep, args)):
+            build_setup(args.keep, args)
+            done = {"setup": setup_description(args), "runs": {}}
+        if "base_loss" not in done:
+            done["base_loss"], _ = child(args, "eval", "-")
         header.append(
             f"model: hidden {HIDDEN}, {args.layers} layers, vocabulary {VOCAB:,}, tied, bf16; "
             f"{BATCH_SIZE * args.steps} train samples of {args.seq_len} tokens, batch {BATCH_SIZE}, "
-            f"{args.steps} steps; {args.eval_samples} held-out samples, base model validation loss {base_loss:.4f}"
+            f"{args.steps} steps; {args.eval_samples} held-out samples, base model validation loss "
+            f"{done['base_loss']:.4f}"
             + (f"; MALLOC_ARENA_MAX={args.malloc_arena_max}" if args.malloc_arena_max else ""))
         print(header[-1], flush=True)
         results: dict[str, Result] = {}
+
+        def save() -> None:  # each figure as soon as it is measured, in case the rest does not finish
+            done["runs"] = {key: dataclasses.asdict(result) for key, result in results.items()}
+            record.write_text(json.dumps(done, indent=1), encoding="utf-8")
+            if args.results:
+                report(results, header, args.results, quiet=True)
+
         for key in runs:
+            if key in done["runs"]:
+                results[key] = Result(**done["runs"][key])
+                print(f"{results[key].name}: measured before, in {args.keep}", flush=True)
+                continue
             guess = estimate(args.keep, key, args)
             wait_until_idle(args.wait_idle)
             trained, peak = child(args, "train", key)
-            adapter = Path(trained.pop("adapter"))
             result = results[key] = Result(**trained, peak_rss=peak, estimate=guess)
-            result.val_loss, _ = child(args, "eval", str(adapter))
+            save()
+            est = "–" if guess is None else f"{guess / GB:.2f} GB"
             print(f"{result.name}: {result.tokens_per_second:,.1f} real tokens/s over {result.seconds:.1f} s, "
-                  f"{result.steps} steps, peak RSS {peak / GB:.2f} GB, val loss {result.val_loss:.4f}, other "
-                  f"processes' CPU share {100 * result.other_load:.0f}%", flush=True)
-    footer = [*verdict(results), f"1-minute load average at the end: {load_average()}"]
-    publish("\n".join(["", *table(results), "", *footer]), "Training memory", header, args.results)
+                  f"{result.steps} steps, peak RSS {peak / GB:.2f} GB (estimate {est}), other processes' CPU share "
+                  f"{100 * result.other_load:.0f}%", flush=True)
+        for result in results.values():  # the validation losses last: memory and speed come first
+            if math.isnan(result.val_loss):
+                result.val_loss, _ = child(args, "eval", result.adapter)
+                save()
+                print(f"{result.name}: validation loss {result.val_loss:.4f}", flush=True)
+    report(results, header, args.results)
 
 
 if __name__ == "__main__":
