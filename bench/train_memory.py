@@ -362,13 +362,10 @@ def main() -> None:
         if not (args.reuse and setup_is_there(args.keep, args)):
             build_setup(args.keep, args)
             done = {"setup": setup_description(args), "runs": {}}
-        if "base_loss" not in done:
-            done["base_loss"], _ = child(args, "eval", "-")
         header.append(
             f"model: hidden {HIDDEN}, {args.layers} layers, vocabulary {VOCAB:,}, tied, bf16; "
             f"{BATCH_SIZE * args.steps} train samples of {args.seq_len} tokens, batch {BATCH_SIZE}, "
-            f"{args.steps} steps; {args.eval_samples} held-out samples, base model validation loss "
-            f"{done['base_loss']:.4f}"
+            f"{args.steps} steps; {args.eval_samples} held-out samples"
             + (f"; MALLOC_ARENA_MAX={args.malloc_arena_max}" if args.malloc_arena_max else ""))
         print(header[-1], flush=True)
         results: dict[str, Result] = {}
@@ -398,6 +395,10 @@ def main() -> None:
                 result.val_loss, _ = child(args, "eval", result.adapter)
                 save()
                 print(f"{result.name}: validation loss {result.val_loss:.4f}", flush=True)
+        if "base_loss" not in done:
+            done["base_loss"], _ = child(args, "eval", "-")
+            save()
+        header.append(f"validation loss of the base model (no adapter): {done['base_loss']:.4f}")
     report(results, header, args.results)
 
 
