@@ -70,19 +70,19 @@ SPECIALS = [EOS, PAD, IM_START, IM_END]
 # -- the set-up ------------------------------------------------------------------------------
 
 
-def word_list() -> list[str]:
-    """The words of the vocabulary: every 1-3 letter word, then 4-letter words up to VOCAB tokens."""
+def word_list(vocab: int = VOCAB) -> list[str]:
+    """The words of a `vocab`-token vocabulary: every 1-3 letter word, then 4-letter words to fill it."""
     letters = "abcdefghijklmnopqrstuvwxyz"
     words = list(letters)
     for _ in range(2):
         words += [w + c for w in words if len(w) == len(words[-1]) for c in letters]
-    room = VOCAB - 256 - len(SPECIALS) - len(words)
+    room = vocab - 256 - len(SPECIALS) - len(words)
     words += [w + c for w in words if len(w) == 3 for c in letters][:room]
     return words
 
 
-def build_tokenizer(out: Path) -> None:
-    """A byte-level BPE tokenizer with exactly VOCAB entries in which every word is one token.
+def build_tokenizer(out: Path, vocab_size: int = VOCAB) -> None:
+    """A byte-level BPE tokenizer with exactly `vocab_size` entries in which every word is one token.
 
     transformers loads any Qwen2 model's tokenizer as `Qwen2Tokenizer` (byte-level BPE, Qwen's
     pre-tokenizer) from tokenizer.json's vocabulary and merges, so the words are spelled into it:
@@ -94,11 +94,11 @@ def build_tokenizer(out: Path) -> None:
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: (len(ch.encode()), ord(ch)))
     vocab = {tok: i for i, tok in enumerate([*SPECIALS, *alphabet])}
     merges = []
-    for word in sorted(word_list(), key=len):
+    for word in sorted(word_list(vocab_size), key=len):
         token = "\u0120" + word
         vocab[token] = len(vocab)
         merges.append((token[:-1], token[-1]))
-    assert len(vocab) == VOCAB, len(vocab)
+    assert len(vocab) == vocab_size, len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -121,14 +121,16 @@ def build_model(out: Path, seed: int) -> None:
     Qwen2ForCausalLM(config).save_pretrained(out, safe_serialization=True)
 
 
-def make_samples(n: int, seed: int) -> list[str]:
-    """Chat-like texts with log-normal token counts (median ~100, cap 512); every word is one token.
+def make_samples(n: int, seed: int, *, median: float = 100, sigma: float = 0.6, cap: int = MAX_LENGTH,
+                 vocab: int = VOCAB) -> list[str]:
+    """Chat-like texts with log-normal token counts (median ~100, cap 512; sigma=0: all `median` long) in
+    the words of `build_tokenizer(..., vocab)`, every word one token.
 
     Words follow a Zipf law, and about a third repeat a word seen earlier in the same sample, so
     a LoRA has something to learn (word frequencies, copying from context) in one epoch.
     """
     rng = random.Random(seed)
-    words = word_list()
+    words = word_list(vocab)
     rng.shuffle(words)
     cumulative, total = [], 0.0
     for k in range(len(words)):
@@ -136,7 +138,7 @@ def make_samples(n: int, seed: int) -> list[str]:
         cumulative.append(total)
     texts = []
     for _ in range(n):
-        length = max(16, min(MAX_LENGTH, round(rng.lognormvariate(math.log(100), 0.6))))
+        length = max(16, min(cap, round(rng.lognormvariate(math.log(median), sigma))))
         content = length - 7  # <|im_start|> usr ...<|im_end|><|im_start|> bot ...<|im_end|><|endoftext|>
         seen: list[str] = []
         picked = []
@@ -482,6 +484,31 @@ def load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
 
 
+def quiet_libraries(threads: int) -> None:
+    """Use `threads` torch threads; no warnings, library logs below ERROR, or progress bars in the report."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def publish(report: str, title: str, header: list[str], path: Path | None) -> None:
+    """Print the report; with `path`, also write it there as Markdown: a title, the command that ran
+    this script, the header as a list, then the report."""
+    print(report)
+    if path is None:
+        return
+    command = " ".join([f".venv/bin/python bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    path.write_text(
+        f"# {title}\n\n`{command}` ({time.strftime('%Y-%m-%d %H:%M %Z')})\n\n"
+        + "".join(f"- {line}\n" for line in header) + report + "\n",
+        encoding="utf-8",
+    )
+
+
 def run_one(key: str, setup: Setup, args: argparse.Namespace) -> Result:
     """Train with one contender, timing it, then score its adapter on the held-out samples."""
     out = setup.root / f"run-{key}"
@@ -529,13 +556,7 @@ def main() -> None:
     if unknown := set(runs) - {"a", "b0", "b", "c"}:
         parser.error(f"unknown run(s) {', '.join(sorted(unknown))}; choose from a, b0, b, c")
 
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_libraries(args.threads)
     import datasets
 
     datasets.disable_progress_bars()
@@ -576,16 +597,7 @@ def main() -> None:
                       "of the measured bf16 matmul peak")
     footer += verdict(results)
     footer.append(f"1-minute load average at the end: {load_average()}")
-    report = "\n".join(["", *table(results), "", *footer])
-    print(report)
-    if args.results:
-        command = " ".join([".venv/bin/python bench/train_throughput.py", *sys.argv[1:]])
-        args.results.write_text(
-            "# Training throughput\n\n"
-            f"`{command}` ({time.strftime('%Y-%m-%d %H:%M %Z')})\n\n"
-            + "".join(f"- {line}\n" for line in header) + report + "\n",
-            encoding="utf-8",
-        )
+    publish("\n".join(["", *table(results), "", *footer]), "Training throughput", header, args.results)
 
 
 if __name__ == "__main__":

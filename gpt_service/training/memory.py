@@ -176,8 +176,8 @@ def _probe_config(model_config: Any, layers: int) -> Any:
     probe.num_hidden_layers = layers
     for key in ("layer_types", "sliding_window_pattern"):  # per-layer lists follow the layer count
         value = getattr(probe, key, None)
-        if isinstance(value, list):
-            setattr(probe, key, value[:layers])
+        if isinstance(value, list) and value:
+            setattr(probe, key, [value[i % len(value)] for i in range(layers)])  # a 1-layer model: 2
     probe.vocab_size = 256
     probe.use_cache = False
     return probe
