@@ -377,8 +377,8 @@ def main() -> None:
                 report(results, header, args.results, quiet=True)
 
         for key in runs:
-            if key in done["runs"]:
-                results[key] = Result(**done["runs"][key])
+            if key in done["runs"]:  # measured before; the estimate (cheap, and what is tuned) is made again
+                results[key] = Result(**{**done["runs"][key], "estimate": estimate(args.keep, key, args)})
                 print(f"{results[key].name}: measured before, in {args.keep}", flush=True)
                 continue
             guess = estimate(args.keep, key, args)

@@ -51,8 +51,11 @@ RUNTIME_BYTES = int(0.75 * GB)
 # again to 8 bits with double quantization), or 8 bits plus a row's scale.
 QUANTIZED_BYTES = {(4, True): 0.5 + 1 / 64 + 4 / (64 * 256), (4, False): 0.5 + 4 / 64, (8, True): 1.0, (8, False): 1.0}
 # Backward-pass room beyond what autograd saved: the gradients flowing through the layer being
-# differentiated, about one layer's activations again (measured against peak RSS in bench/train_memory.py).
+# differentiated, about one layer's activations again.
 BACKWARD_ROOM = 1.0
+# What the allocator holds beyond the saved activations' bytes (freed blocks kept for reuse, tensors
+# freed late): measured against peak RSS at a Qwen2-0.5B shape (bench/train_memory.py), 15%.
+ACTIVATION_SLACK = 1.15
 PROBE_LENGTHS = (64, 128)
 
 
@@ -143,19 +146,24 @@ def _linear_names(model: Any) -> set[str]:
             if isinstance(module, torch.nn.Linear) and module is not head}
 
 
-def weights_bytes(model: Any, dtype: torch.dtype, config: TrainConfig) -> int:
-    """The frozen base's bytes: each parameter once (tied ones too), quantized where it will be."""
+def weights_bytes(model: Any, dtype: torch.dtype, config: TrainConfig, mapped_file: bool) -> int:
+    """The frozen base's bytes: each parameter once (tied ones too), quantized where it will be.
+
+    `mapped_file`: count what a quantized base on a CPU keeps mapped besides: safetensors maps the
+    full-precision file, the unquantized parameters (the embeddings) are views of it, and the
+    quantized layers were read through it. Those pages count in the process's resident memory, but
+    they are clean pages the kernel drops under pressure: an upper figure, not a need.
+    """
     quantization = config.quantization
     size = torch.tensor([], dtype=dtype).element_size()
-    quantized = _linear_names(model) if quantization else set()
-    total = 0.0
-    for name, param in model.named_parameters():  # named_parameters yields a tied parameter once
-        module = name.rpartition(".")[0]
-        if quantization and module in quantized and name.endswith(".weight"):
-            total += param.numel() * QUANTIZED_BYTES[quantization.bits, quantization.double_quant]
-        else:
-            total += param.numel() * size
-    return int(total)
+    parameters = dict(model.named_parameters())  # a tied parameter once
+    full = sum(p.numel() for p in parameters.values()) * size
+    if quantization is None:
+        return full
+    layers = _linear_names(model)
+    linear = sum(p.numel() for n, p in parameters.items() if n.endswith(".weight") and n.rpartition(".")[0] in layers)
+    packed = full - linear * size + linear * QUANTIZED_BYTES[quantization.bits, quantization.double_quant]
+    return int(packed + (linear * size if mapped_file else 0))
 
 
 def lora_parameters(model: Any, config: TrainConfig) -> int:
@@ -236,9 +244,15 @@ def _run_probe(model_config: Any, config: TrainConfig, precision: Precision, lay
 
 
 def probe_layer(model_config: Any, config: TrainConfig, precision: Precision) -> LayerProbe:
-    """Measure one decoder layer of the real width: what it keeps per token, and how long it takes."""
-    one, two = (_run_probe(model_config, config, precision, n, checkpointing=False) for n in (1, 2))
-    one_ckpt, two_ckpt = (_run_probe(model_config, config, precision, n, checkpointing=True) for n in (1, 2))
+    """Measure one decoder layer of the real width: what it keeps per token, and how long it takes.
+
+    In a forked random state: the run that asks must draw its LoRA weights and dropout masks as if
+    no probe had run.
+    """
+    devices = [precision.device] if precision.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        one, two = (_run_probe(model_config, config, precision, n, checkpointing=False) for n in (1, 2))
+        one_ckpt, two_ckpt = (_run_probe(model_config, config, precision, n, checkpointing=True) for n in (1, 2))
     (short, long_) = PROBE_LENGTHS
     layer = [(b2 - b1) / length for (b1, _), (b2, _), length in zip(one, two, PROBE_LENGTHS, strict=True)]
     per_position = max((layer[1] - layer[0]) / (long_ - short), 0.0)
@@ -301,13 +315,14 @@ def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
         per_layer += probe.attention_bytes_per_token_per_position * positions
     one_layer = tokens * per_layer * (1 + BACKWARD_ROOM)
     outside = tokens * probe.other_bytes_per_token
-    plain = int(layers * tokens * per_layer + tokens * per_layer * BACKWARD_ROOM + outside)
-    checkpointed = int(layers * tokens * probe.checkpointed_bytes_per_token + one_layer + outside)
+    plain = int((layers * tokens * per_layer + tokens * per_layer * BACKWARD_ROOM + outside) * ACTIVATION_SLACK)
+    checkpointed = int((layers * tokens * probe.checkpointed_bytes_per_token + one_layer + outside)
+                       * ACTIVATION_SLACK)
     fused = config.fast_paths and not getattr(model_config, "final_logit_softcapping", None)
     steps_per_epoch = math.ceil(math.ceil(len(lengths) / (config.batch_size * config.num_processes))
                                 / config.gradient_accumulation_steps)
     available = available_memory(device)
-    weights = weights_bytes(meta, precision.weights_dtype, config)
+    weights = weights_bytes(meta, precision.weights_dtype, config, mapped_file=device.type == "cpu")
     fixed = (weights + lora_bytes
              + head_bytes(model_config, rows, positions, precision, fused) + RUNTIME_BYTES)
     processes = config.num_processes if device.type == "cpu" else 1
@@ -317,6 +332,7 @@ def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
     slowdown = 4 / 3 if chosen else 1.0  # the recompute: one more forward pass
     eta = sum(lengths) * config.num_epochs * layers * probe.seconds_per_token * slowdown / config.num_processes
     four_bit = config if config.quantization else config.model_copy(update={"quantization": QuantizationSettings()})
+    least_weights = weights_bytes(meta, precision.weights_dtype, four_bit, mapped_file=False)
     return MemoryEstimate(
         device=device.type, processes=config.num_processes,
         quantization=config.quantization.describe() if config.quantization else None,
@@ -325,7 +341,7 @@ def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
         activations_bytes=checkpointed if chosen else plain,
         activations_without_checkpointing_bytes=plain, activations_with_checkpointing_bytes=checkpointed,
         head_bytes=head_bytes(model_config, rows, positions, precision, fused), runtime_bytes=RUNTIME_BYTES,
-        smallest_bytes=fixed - weights + weights_bytes(meta, precision.weights_dtype, four_bit) + checkpointed,
+        smallest_bytes=fixed - weights + least_weights + checkpointed,
         available_bytes=available, total_steps=steps_per_epoch * config.num_epochs, eta_seconds=round(eta, 1),
     )
 
