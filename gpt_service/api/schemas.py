@@ -51,6 +51,7 @@ class MemoryAnswer(BaseModel):
     activations_with_checkpointing_gb: float
     head_gb: float
     runtime_gb: float
+    loading_gb: float  # a quantized base loading on a CPU reads one whole checkpoint file; 0 otherwise
     smallest_gb: float  # with checkpointing and a 4-bit base
     available_gb: float
     peak_gb: float

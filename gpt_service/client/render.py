@@ -118,7 +118,8 @@ def describe_estimate(answer: dict[str, Any]) -> str:
         f"  LoRA weights, gradients, AdamW state: {answer['lora_gb']:.2f} GB",
         f"  activations: {answer['activations_without_checkpointing_gb']:.2f} GB kept, "
         f"{answer['activations_with_checkpointing_gb']:.2f} GB with gradient checkpointing",
-        f"  output head and loss: {answer['head_gb']:.2f} GB; runtime: {answer['runtime_gb']:.2f} GB",
+        f"  output head and loss: {answer['head_gb']:.2f} GB; runtime: {answer['runtime_gb']:.2f} GB"
+        + (f"; {answer['loading_gb']:.2f} GB while the quantized base loads" if answer["loading_gb"] else ""),
         f"needs {answer['needed_gb']:.2f} GB with gradient_checkpointing "
         f"{'on' if answer['gradient_checkpointing'] else 'off'} ({answer['processes']} process(es)); "
         f"at least {answer['least_needed_gb']:.2f} GB with checkpointing and a 4-bit base",

@@ -27,6 +27,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,6 +91,7 @@ class MemoryEstimate:
     activations_with_checkpointing_bytes: int
     head_bytes: int
     runtime_bytes: int
+    loading_bytes: int  # while a quantized base loads on a CPU: one whole checkpoint file besides the rest
     smallest_bytes: int  # the peak with checkpointing and a 4-bit base: the least this run can take
     available_bytes: int
     total_steps: int
@@ -100,7 +102,8 @@ class MemoryEstimate:
         chosen = self.gradient_checkpointing if checkpointing is None else checkpointing
         activations = (self.activations_with_checkpointing_bytes if chosen
                        else self.activations_without_checkpointing_bytes)
-        return self.weights_bytes + self.lora_bytes + activations + self.head_bytes + self.runtime_bytes
+        training = self.weights_bytes + self.lora_bytes + activations + self.head_bytes + self.runtime_bytes
+        return max(training, self.loading_bytes)
 
     @property
     def peak_bytes(self) -> int:
@@ -146,14 +149,8 @@ def _linear_names(model: Any) -> set[str]:
             if isinstance(module, torch.nn.Linear) and module is not head}
 
 
-def weights_bytes(model: Any, dtype: torch.dtype, config: TrainConfig, mapped_file: bool) -> int:
-    """The frozen base's bytes: each parameter once (tied ones too), quantized where it will be.
-
-    `mapped_file`: count what a quantized base on a CPU keeps mapped besides: safetensors maps the
-    full-precision file, the unquantized parameters (the embeddings) are views of it, and the
-    quantized layers were read through it. Those pages count in the process's resident memory, but
-    they are clean pages the kernel drops under pressure: an upper figure, not a need.
-    """
+def weights_bytes(model: Any, dtype: torch.dtype, config: TrainConfig) -> int:
+    """The frozen base's bytes: each parameter once (tied ones too), quantized where it will be."""
     quantization = config.quantization
     size = torch.tensor([], dtype=dtype).element_size()
     parameters = dict(model.named_parameters())  # a tied parameter once
@@ -162,8 +159,12 @@ def weights_bytes(model: Any, dtype: torch.dtype, config: TrainConfig, mapped_fi
         return full
     layers = _linear_names(model)
     linear = sum(p.numel() for n, p in parameters.items() if n.endswith(".weight") and n.rpartition(".")[0] in layers)
-    packed = full - linear * size + linear * QUANTIZED_BYTES[quantization.bits, quantization.double_quant]
-    return int(packed + (linear * size if mapped_file else 0))
+    return int(full - linear * size + linear * QUANTIZED_BYTES[quantization.bits, quantization.double_quant])
+
+
+def _largest_shard(source: str) -> int:
+    """Bytes of the biggest safetensors file of a local model: a quantized load reads one whole."""
+    return max((f.stat().st_size for f in Path(source).glob("*.safetensors")), default=0)
 
 
 def lora_parameters(model: Any, config: TrainConfig) -> int:
@@ -322,7 +323,7 @@ def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
     steps_per_epoch = math.ceil(math.ceil(len(lengths) / (config.batch_size * config.num_processes))
                                 / config.gradient_accumulation_steps)
     available = available_memory(device)
-    weights = weights_bytes(meta, precision.weights_dtype, config, mapped_file=device.type == "cpu")
+    weights = weights_bytes(meta, precision.weights_dtype, config)
     fixed = (weights + lora_bytes
              + head_bytes(model_config, rows, positions, precision, fused) + RUNTIME_BYTES)
     processes = config.num_processes if device.type == "cpu" else 1
@@ -332,7 +333,7 @@ def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
     slowdown = 4 / 3 if chosen else 1.0  # the recompute: one more forward pass
     eta = sum(lengths) * config.num_epochs * layers * probe.seconds_per_token * slowdown / config.num_processes
     four_bit = config if config.quantization else config.model_copy(update={"quantization": QuantizationSettings()})
-    least_weights = weights_bytes(meta, precision.weights_dtype, four_bit, mapped_file=False)
+    least_weights = weights_bytes(meta, precision.weights_dtype, four_bit)
     return MemoryEstimate(
         device=device.type, processes=config.num_processes,
         quantization=config.quantization.describe() if config.quantization else None,
@@ -341,6 +342,8 @@ def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
         activations_bytes=checkpointed if chosen else plain,
         activations_without_checkpointing_bytes=plain, activations_with_checkpointing_bytes=checkpointed,
         head_bytes=head_bytes(model_config, rows, positions, precision, fused), runtime_bytes=RUNTIME_BYTES,
+        loading_bytes=RUNTIME_BYTES + weights + _largest_shard(source) if config.quantization and device.type == "cpu"
+        else 0,
         smallest_bytes=fixed - weights + least_weights + checkpointed,
         available_bytes=available, total_steps=steps_per_epoch * config.num_epochs, eta_seconds=round(eta, 1),
     )
