@@ -115,13 +115,9 @@ class MemoryEstimate:
 
     def refuse_beyond(self, memory: int, where: str) -> None:
         """Raise `DoesNotFit` when even checkpointing and a 4-bit base need more than `memory` bytes."""
-        least = self.needed(self.smallest_bytes)
-        if least > memory:
-            raise DoesNotFit(
-                f"this run needs at least {least / GB:.1f} GB even with gradient_checkpointing and a 4-bit "
-                f"base (its longest batch: {self.longest_batch[0]} x {self.longest_batch[1]} tokens), but "
-                f"{where} has {memory / GB:.1f} GB; lower batch_size or max_length, or use a machine with "
-                "more memory (or more processes with distributed: fsdp)")
+        rows, positions = self.longest_batch
+        refuse_beyond(self.needed(self.smallest_bytes), memory, where, f"its longest batch: {rows} x {positions} "
+                      "tokens; a lower batch_size or max_length needs less")
 
     @property
     def fits(self) -> bool:
@@ -290,6 +286,35 @@ def longest_batch(lengths: list[int], config: TrainConfig) -> tuple[int, int]:
     return len(widest), round_up(max(lengths[i] for i in widest), PAD_TO_MULTIPLE_OF)
 
 
+def _model_config(config: TrainConfig) -> tuple[str, Any]:
+    """(where the model is, its configuration), read without its weights."""
+    source, local_only = resolve_model_source(config.base_model)
+    try:
+        return source, AutoConfig.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"cannot read the configuration of {config.base_model}: {exc}") from exc
+
+
+def refuse_beyond(least: int, memory: int, where: str, what: str) -> None:
+    """Raise `DoesNotFit` when `least` bytes (what no setting goes under) exceed `memory`."""
+    if least > memory:
+        raise DoesNotFit(
+            f"this run needs at least {least / GB:.1f} GB even with gradient_checkpointing and a 4-bit base "
+            f"({what}), but {where} has {memory / GB:.1f} GB; use a machine with more memory, a smaller "
+            "model, or several processes with distributed: fsdp")
+
+
+def least_bytes(config: TrainConfig) -> int:
+    """A floor no setting goes under, found without the data or a probe (so at once): the base in
+    4 bits (or as quantized), the LoRA state and the runtime, for all processes of a CPU run."""
+    precision = choose_precision(config.fp16, config.bf16)
+    _, model_config = _model_config(config)
+    meta = _meta_model(model_config)
+    four_bit = config if config.quantization else config.model_copy(update={"quantization": QuantizationSettings()})
+    least = RUNTIME_BYTES + weights_bytes(meta, precision.weights_dtype, four_bit) + 16 * lora_parameters(meta, config)
+    return least * (config.num_processes if precision.device.type == "cpu" else 1)
+
+
 def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
                     device: torch.device | None = None) -> MemoryEstimate:
     """The memory `config` needs per process and the memory available, with an ETA from a probe.
@@ -298,11 +323,7 @@ def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
     """
     precision = choose_precision(config.fp16, config.bf16)
     device = device or precision.device
-    source, local_only = resolve_model_source(config.base_model)
-    try:
-        model_config = AutoConfig.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise ModelSourceError(f"cannot read the configuration of {config.base_model}: {exc}") from exc
+    source, model_config = _model_config(config)
     if lengths is None:
         lengths = _dataset_lengths(config)
     meta = _meta_model(model_config)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 import threading
 from pathlib import Path
@@ -13,7 +12,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from gpt_service.api.responses import errors
 from gpt_service.api.schemas import MemoryAnswer, TrainAccepted, TrainRequest, task_view
 from gpt_service.config import TrainConfig
-from gpt_service.errors import UserError
 from gpt_service.paths import confine
 from gpt_service.settings import ServiceSettings
 from gpt_service.tasks.leases import heartbeat_age
@@ -33,7 +31,6 @@ TASK_LINKS = {
                                ("cancel", "post", "/train/{task_id}/cancel"),
                                ("resume", "post", "/train/{task_id}/resume")]
 }
-log = logging.getLogger(__name__)
 _submit_lock = threading.Lock()  # the output_dir check and the insert happen as one
 
 
@@ -65,20 +62,16 @@ def fitting_workers(needs: TaskNeeds, store: TaskStore, lease_seconds: float) ->
 
 def refuse_what_cannot_fit(config: TrainConfig, workers: list[WorkerRecord]) -> None:
     """Refuse now a run that no live worker has the memory for, even with checkpointing and a 4-bit
-    base, rather than let it die of an out-of-memory later. With no live worker, the task waits."""
+    base, rather than let it die of an out-of-memory later. Only the floor that needs neither the data
+    nor a probe is weighed here (the answer stays quick); the worker weighs the rest. With no live
+    worker, the task waits."""
     if not workers:
         return
-    from gpt_service.training.memory import estimate_memory  # torch: only when there is a run to weigh
+    from gpt_service.training.memory import least_bytes, refuse_beyond  # torch: only when there is a run to weigh
 
     largest = max(workers, key=lambda r: r.memory_mb)
-    try:
-        estimate = estimate_memory(config)
-    except UserError:
-        raise
-    except Exception:  # an estimate is advice: a model it cannot probe still trains
-        log.warning("no memory estimate for %s", config.base_model, exc_info=True)
-        return
-    estimate.refuse_beyond(largest.memory_mb * 2**20, f"the largest worker ({largest.name})")
+    refuse_beyond(least_bytes(config), largest.memory_mb * 2**20, f"the largest worker ({largest.name})",
+                  "the base's weights, the LoRA state and the runtime, before any activations")
 
 
 def placement_warning(needs: TaskNeeds, workers: list[WorkerRecord]) -> str | None:
