@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+
+from gpt_service.memory import free_memory
 
 log = logging.getLogger(__name__)
 
@@ -57,41 +57,10 @@ def choose_precision(fp16: bool = False, bf16: bool | None = None) -> Precision:
     return Precision(device, torch.float32, None, grad_scaler=False, warning=warning)
 
 
-def _read_int(path: str) -> int | None:
-    try:
-        text = Path(path).read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # "max": no limit
-
-
-def _cgroup_room() -> int | None:
-    """Bytes this process's cgroup may still take (limit minus usage), v2 or v1; None without a limit."""
-    v1 = "/sys/fs/cgroup/memory/memory."
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         (v1 + "limit_in_bytes", v1 + "usage_in_bytes")):
-        most, used = _read_int(limit), _read_int(usage)
-        if most is not None and used is not None and most < 1 << 60:  # v1 writes "no limit" as a huge number
-            return max(most - used, 0)
-    return None
-
-
-def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
 
 def available_memory(device: torch.device) -> int:
-    """Bytes a new allocation on `device` can take now: a GPU's free memory; on the CPU, MemAvailable
-    capped by what the container's cgroup limit leaves (a container sees the host's /proc/meminfo)."""
+    """Bytes a new allocation on `device` can take now: a GPU's free memory; on the CPU, what the
+    machine has available, bounded by the container's cgroup limit (`memory.free_memory`)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    room = _cgroup_room()
-    available = _mem_available()
-    return available if room is None else min(available, room)
+    return free_memory()

@@ -23,12 +23,12 @@ import torch
 from gpt_service.inference.errors import ModelNotLoaded, QueueFull
 from gpt_service.inference.fast_decoder import FastDecoder
 from gpt_service.inference.kv_cache import KVCacheManager
-from gpt_service.inference.memory import free_memory
 from gpt_service.inference.model_runner import ContiguousRunner, PagedRunner
 from gpt_service.inference.sampling import sample_row
 from gpt_service.inference.scheduler import Scheduler
 from gpt_service.inference.sequence import Event, GenerationRequest, Sequence
 from gpt_service.inference.threads import ThreadTuner
+from gpt_service.memory import free_memory
 
 __all__ = ["BatchEngine", "EngineOptions", "Event", "GenerationRequest"]
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from gpt_service.inference.memory import free_memory
 from gpt_service.inference.paged import KVPool, PagedBatch, attend
+from gpt_service.memory import free_memory
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpt_service.inference.memory import cgroup_room
+from gpt_service.memory import cgroup_room
 
 
 def test_cgroup_v2_limit(tmp_path: Path) -> None:
