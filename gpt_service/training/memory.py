@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import math
 import time
 import warnings
@@ -41,8 +40,6 @@ from gpt_service.hardware import Precision, available_memory, choose_precision
 from gpt_service.model_sources import ModelSourceError, resolve_model_source
 from gpt_service.training.loss import BLOCK_ELEMENTS
 from gpt_service.training.speedups import MATMUL_ATTENTION_MAX_SCORES, speed_up
-
-log = logging.getLogger(__name__)
 
 GB = 1 << 30
 # What a training process holds before its model, measured on a CPU (RSS after importing torch,
@@ -86,7 +83,6 @@ class MemoryEstimate:
     longest_batch: tuple[int, int]  # (rows, positions) of the largest micro-batch
     weights_bytes: int
     lora_bytes: int
-    activations_bytes: int  # as the run will go (gradient_checkpointing as chosen)
     activations_without_checkpointing_bytes: int
     activations_with_checkpointing_bytes: int
     head_bytes: int
@@ -97,12 +93,15 @@ class MemoryEstimate:
     total_steps: int
     eta_seconds: float | None
 
+    def activations(self, checkpointing: bool | None = None) -> int:
+        """The activations' bytes, with checkpointing as chosen or as asked."""
+        chosen = self.gradient_checkpointing if checkpointing is None else checkpointing
+        return self.activations_with_checkpointing_bytes if chosen else self.activations_without_checkpointing_bytes
+
     def peak(self, checkpointing: bool | None = None) -> int:
         """The peak of one process, with checkpointing as chosen or as asked."""
-        chosen = self.gradient_checkpointing if checkpointing is None else checkpointing
-        activations = (self.activations_with_checkpointing_bytes if chosen
-                       else self.activations_without_checkpointing_bytes)
-        training = self.weights_bytes + self.lora_bytes + activations + self.head_bytes + self.runtime_bytes
+        training = (self.weights_bytes + self.lora_bytes + self.activations(checkpointing) + self.head_bytes
+                    + self.runtime_bytes)
         return max(training, self.loading_bytes)
 
     @property
@@ -124,7 +123,7 @@ class MemoryEstimate:
         return self.needed() <= self.available_bytes
 
     def as_dict(self) -> dict[str, Any]:
-        fields = asdict(self)
+        fields = {**asdict(self), "activations_bytes": self.activations()}
         fields["longest_batch"] = list(self.longest_batch)
         gb = {k.removesuffix("_bytes") + "_gb": round(v / GB, 6) for k, v in fields.items() if k.endswith("_bytes")}
         others = {k: v for k, v in fields.items() if not k.endswith("_bytes")}
@@ -304,14 +303,19 @@ def refuse_beyond(least: int, memory: int, where: str, what: str) -> None:
             "model, or several processes with distributed: fsdp")
 
 
+def _at_least_four_bit(config: TrainConfig) -> TrainConfig:
+    """The run with a 4-bit base, unless it is quantized already."""
+    return config if config.quantization else config.model_copy(update={"quantization": QuantizationSettings()})
+
+
 def least_bytes(config: TrainConfig) -> int:
     """A floor no setting goes under, found without the data or a probe (so at once): the base in
     4 bits (or as quantized), the LoRA state and the runtime, for all processes of a CPU run."""
     precision = choose_precision(config.fp16, config.bf16)
     _, model_config = _model_config(config)
     meta = _meta_model(model_config)
-    four_bit = config if config.quantization else config.model_copy(update={"quantization": QuantizationSettings()})
-    least = RUNTIME_BYTES + weights_bytes(meta, precision.weights_dtype, four_bit) + 16 * lora_parameters(meta, config)
+    least = (RUNTIME_BYTES + weights_bytes(meta, precision.weights_dtype, _at_least_four_bit(config))
+             + 16 * lora_parameters(meta, config))
     return least * (config.num_processes if precision.device.type == "cpu" else 1)
 
 
@@ -335,34 +339,32 @@ def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
     per_layer = probe.bytes_per_token
     if _attention_keeps_scores(rows, positions, model_config, precision, config):
         per_layer += probe.attention_bytes_per_token_per_position * positions
-    one_layer = tokens * per_layer * (1 + BACKWARD_ROOM)
+    last_layer = tokens * per_layer * (1 + BACKWARD_ROOM)  # kept (or recomputed), and its gradients
     outside = tokens * probe.other_bytes_per_token
-    plain = int((layers * tokens * per_layer + tokens * per_layer * BACKWARD_ROOM + outside) * ACTIVATION_SLACK)
-    checkpointed = int((layers * tokens * probe.checkpointed_bytes_per_token + one_layer + outside)
+    plain = int(((layers - 1) * tokens * per_layer + last_layer + outside) * ACTIVATION_SLACK)
+    checkpointed = int((layers * tokens * probe.checkpointed_bytes_per_token + last_layer + outside)
                        * ACTIVATION_SLACK)
     fused = config.fast_paths and not getattr(model_config, "final_logit_softcapping", None)
     steps_per_epoch = math.ceil(math.ceil(len(lengths) / (config.batch_size * config.num_processes))
                                 / config.gradient_accumulation_steps)
     available = available_memory(device)
     weights = weights_bytes(meta, precision.weights_dtype, config)
-    fixed = (weights + lora_bytes
-             + head_bytes(model_config, rows, positions, precision, fused) + RUNTIME_BYTES)
+    head = head_bytes(model_config, rows, positions, precision, fused)
+    fixed = weights + lora_bytes + head + RUNTIME_BYTES
     processes = config.num_processes if device.type == "cpu" else 1
     chosen = config.gradient_checkpointing
     if chosen is None:  # keep the activations where they fit, with a tenth of the memory to spare
         chosen = (fixed + plain) * processes > 0.9 * available
     slowdown = 4 / 3 if chosen else 1.0  # the recompute: one more forward pass
     eta = sum(lengths) * config.num_epochs * layers * probe.seconds_per_token * slowdown / config.num_processes
-    four_bit = config if config.quantization else config.model_copy(update={"quantization": QuantizationSettings()})
-    least_weights = weights_bytes(meta, precision.weights_dtype, four_bit)
+    least_weights = weights_bytes(meta, precision.weights_dtype, _at_least_four_bit(config))
     return MemoryEstimate(
         device=device.type, processes=config.num_processes,
         quantization=config.quantization.describe() if config.quantization else None,
         gradient_checkpointing=chosen, longest_batch=(rows, positions),
         weights_bytes=weights, lora_bytes=lora_bytes,
-        activations_bytes=checkpointed if chosen else plain,
         activations_without_checkpointing_bytes=plain, activations_with_checkpointing_bytes=checkpointed,
-        head_bytes=head_bytes(model_config, rows, positions, precision, fused), runtime_bytes=RUNTIME_BYTES,
+        head_bytes=head, runtime_bytes=RUNTIME_BYTES,
         loading_bytes=RUNTIME_BYTES + weights + _largest_shard(source) if config.quantization and device.type == "cpu"
         else 0,
         smallest_bytes=fixed - weights + least_weights + checkpointed,
