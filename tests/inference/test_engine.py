@@ -68,8 +68,9 @@ def generate(engine: BatchEngine, params: list[SamplingParams]) -> list[tuple[st
                 done.release()
         return deliver
 
-    for i, (prompt, p) in enumerate(zip(PROMPTS, params, strict=True)):
-        engine.submit(GenerationRequest(tokenizer(prompt).input_ids, p, None, deliver_to(i)))
+    with engine.model_lock:  # the engine steps only once every prompt waits: the same schedule on any machine
+        for i, (prompt, p) in enumerate(zip(PROMPTS, params, strict=True)):
+            engine.submit(GenerationRequest(tokenizer(prompt).input_ids, p, None, deliver_to(i)))
     for _ in PROMPTS:
         assert done.acquire(timeout=120)
     return [("".join(t), final) for t, final in zip(texts, finals, strict=True)]  # type: ignore[misc]
