@@ -29,7 +29,9 @@ memory of TRL with checkpointing and >= 1.8x its tokens/s; 4-bit + checkpointing
 estimate within 15% of the measured peak.
 
 Options: `--only ckpt,trl-ckpt` runs only some; `--steps N` (default 2); `--layers 2 --seq-len 128`
-for a quick check of the script; `--malloc-arena-max N` sets MALLOC_ARENA_MAX in the runs;
+for a quick check of the script. Ours run with the allocator our training command preloads
+(tcmalloc where installed, unless GPT_SERVICE_MALLOC=system; gpt_service/training/allocator.py),
+TRL with glibc's malloc as a plain script gets, unless `--peers-tcmalloc` preloads tcmalloc for it too;
 `--keep DIR` keeps the model, data, adapters and each run's figures (DIR/results.json), and
 `--keep DIR --reuse` measures only the runs not yet there (the set-up kept); `--results FILE`
 also writes the report there (after every run); `--wait-idle SECONDS` waits for the other processes
@@ -148,7 +150,7 @@ def build_setup(root: Path, args: argparse.Namespace) -> None:
 def setup_description(args: argparse.Namespace) -> dict[str, Any]:
     """What a set-up and its measurements depend on: runs measured under another are not reused."""
     return {"layers": args.layers, "seq_len": args.seq_len, "steps": args.steps, "eval_samples": args.eval_samples,
-            "seed": args.seed, "threads": args.threads, "malloc_arena_max": args.malloc_arena_max}
+            "seed": args.seed, "threads": args.threads, "peers_tcmalloc": args.peers_tcmalloc}
 
 
 def setup_is_there(root: Path, args: argparse.Namespace) -> bool:
@@ -229,15 +231,21 @@ def train_child(root: Path, key: str, args: argparse.Namespace) -> dict[str, Any
             "other_load": others.share(), "adapter": str(adapter)}
 
 
-def child(args: argparse.Namespace, *what: str) -> tuple[dict[str, Any], int]:
+def allocator_of(ours: bool, args: argparse.Namespace) -> str:
+    from gpt_service.training.allocator import wanted_library
+
+    return "tcmalloc" if (ours or args.peers_tcmalloc) and wanted_library() else "glibc"
+
+
+def child(args: argparse.Namespace, *what: str, preload: bool = False) -> tuple[dict[str, Any], int]:
     """This script with `--child ...` in a fresh process: its last stdout line as JSON, and its peak RSS.
 
     The peak is the kernel's ru_maxrss for that process (KiB on Linux), read by `wait4` on it, so
     that each run's peak is its own and not the largest of all the children so far.
     """
-    env = dict(os.environ)
-    if args.malloc_arena_max:
-        env["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
+    from gpt_service.training.allocator import preloaded_environment
+
+    env = preloaded_environment() if preload else dict(os.environ)
     argv = [sys.executable, __file__, "--child", *what, "--keep", str(args.keep), "--steps", str(args.steps),
             "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
@@ -323,7 +331,7 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=4, help="held-out samples for the validation loss")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--malloc-arena-max", type=int, default=0, help="MALLOC_ARENA_MAX for the runs (0: unset)")
+    parser.add_argument("--peers-tcmalloc", action="store_true", help="TRL's runs preload tcmalloc as ours do")
     parser.add_argument("--keep", type=Path, help="keep the model, data, adapters and results in this folder")
     parser.add_argument("--reuse", action="store_true",
                         help="with --keep: reuse the set-up there and the runs measured there (its results.json)")
@@ -366,7 +374,7 @@ def main() -> None:
             f"model: hidden {HIDDEN}, {args.layers} layers, vocabulary {VOCAB:,}, tied, bf16; "
             f"{BATCH_SIZE * args.steps} train samples of {args.seq_len} tokens, batch {BATCH_SIZE}, "
             f"{args.steps} steps; {args.eval_samples} held-out samples"
-            + (f"; MALLOC_ARENA_MAX={args.malloc_arena_max}" if args.malloc_arena_max else ""))
+            + f"; ours' allocator: {allocator_of(True, args)}, TRL's: {allocator_of(False, args)}")
         print(header[-1], flush=True)
         results: dict[str, Result] = {}
 
@@ -383,7 +391,7 @@ def main() -> None:
                 continue
             guess = estimate(args.keep, key, args)
             wait_until_idle(args.wait_idle)
-            trained, peak = child(args, "train", key)
+            trained, peak = child(args, "train", key, preload=not CONTENDERS[key].trl or args.peers_tcmalloc)
             result = results[key] = Result(**trained, peak_rss=peak, estimate=guess)
             save()
             est = "–" if guess is None else f"{guess / GB:.2f} GB"

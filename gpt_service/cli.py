@@ -20,6 +20,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    own_process = argv is None  # run as the `gpt-service` command, not called from Python
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="gpt-service", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:  # the training flags are parsed by the training command itself (or sent)
         from gpt_service.client.modes import train_entry
 
-        return train_entry(argv[1:], prog="gpt-service train")
+        return train_entry(argv[1:], prog="gpt-service train", own_process=own_process)
     if argv[:1] == ["evaluate"]:
         from gpt_service.client.modes import evaluate_entry
 

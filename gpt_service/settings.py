@@ -46,6 +46,9 @@ class ServiceSettings(BaseSettings):
     worker_device: str | None = Field(None, pattern="^(cpu|cuda)$", description="Device kind offered (default: found).")
     worker_device_count: int | None = Field(None, ge=1, description="Devices offered (default: found).")
     worker_memory_gb: float | None = Field(None, gt=0, description="Memory per device offered (default: found).")
+    malloc: str = Field("tcmalloc", pattern="^(tcmalloc|system)$", description="The memory allocator of "
+                        "training processes: tcmalloc where installed (a lower peak, see training/allocator.py), "
+                        "or glibc's (system).")
     log_tail_lines: int = Field(1000, ge=10, description="Log lines kept per task.")
     serve_dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$",
                              description="Serving precision; auto = bf16 where the hardware has it.")

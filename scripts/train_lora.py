@@ -15,7 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from gpt_service.training.allocator import run_with_allocator
 from gpt_service.training.command import main
 
 if __name__ == "__main__":
+    run_with_allocator()
     sys.exit(main(prog="train_lora.py"))

@@ -48,11 +48,17 @@ def train_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def train_entry(argv: list[str], prog: str) -> int:
+def train_entry(argv: list[str], prog: str, own_process: bool = False) -> int:
+    """`gpt-service train`: here, or sent to a service. `own_process`: this process is the command's own,
+    which a training here may run again with its memory allocator (training/allocator.py)."""
     parser = train_parser(prog)
     args = parser.parse_args(argv)
     if service_url(parser, args) is None:
+        from gpt_service.training.allocator import run_with_allocator
         from gpt_service.training.command import main
+
+        if own_process and not args.estimate:
+            run_with_allocator()
 
         return main(argv, prog=prog)
     machines = [flag for flag, given in (("--nnodes", args.nnodes != 1), ("--node_rank", args.node_rank is not None),

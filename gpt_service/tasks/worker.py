@@ -32,6 +32,7 @@ from gpt_service.settings import ServiceSettings
 from gpt_service.tasks.leases import LEASE_LOST_EXIT, Lease, WorkerNameInUse
 from gpt_service.tasks.placement import make_offer, unseen_paths
 from gpt_service.tasks.store import Task, TaskStore
+from gpt_service.training import allocator
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.25
@@ -180,8 +181,9 @@ class Worker:
 
     def _spawn(self, task: Task, lease: Lease) -> subprocess.Popen:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "GPT_SERVICE_DATABASE_URL": str(self.settings.database_url),
-               "GPT_SERVICE_ALLOW_DOWNLOADS": "1" if self.settings.allow_downloads else "0"}
+        env = allocator.preloaded_environment({**os.environ, "GPT_SERVICE_DATABASE_URL": str(self.settings.database_url),
+                                     "GPT_SERVICE_ALLOW_DOWNLOADS": "1" if self.settings.allow_downloads else "0",
+                                     allocator.SETTING: self.settings.malloc})
         with open(self.logs_dir / f"{task.task_id}.log", "ab") as output:
             process = subprocess.Popen(
                 [sys.executable, "-m", "gpt_service.tasks.runner", task.task_id, "--lease-token", str(lease.token),

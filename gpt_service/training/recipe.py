@@ -34,7 +34,7 @@ from gpt_service.errors import UserError
 from gpt_service.hardware import Precision, choose_precision
 from gpt_service.model_loading import load_causal_lm, load_tokenizer, position_limit
 from gpt_service.quantization import bitsandbytes_config, check_available, keep_trainable_layout
-from gpt_service.training import distributed, launch
+from gpt_service.training import allocator, distributed, launch
 from gpt_service.training.checkpoints import (
     CheckpointError,
     list_checkpoints,
@@ -455,8 +455,8 @@ def run_lora_finetune(
         on_progress = with_tensorboard(output_dir, on_progress)
     run = _Run(config, output_dir, on_progress, should_stop, group, checkpoint)
     if group.is_main:
-        log.info("%s; %s", run.describe_batch(), f"{group.mode} over {group.world_size} processes"
-                 if group.joined else "one process")
+        log.info("%s; %s; memory allocator %s", run.describe_batch(), f"{group.mode} over {group.world_size} "
+                 "processes" if group.joined else "one process", allocator.in_use())
         if run.data.truncated:
             log.warning("%d sample(s) were longer than max_length=%d and were truncated",
                         run.data.truncated, config.max_length)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from gpt_service.training import allocator
 from tests.conftest import Server, rank_pid
 
 BODY = {"base_model": "models/tiny", "dataset_path": "data/train.json", "batch_size": 2, "num_processes": 2,
@@ -45,6 +46,7 @@ def test_a_two_process_training_completes_and_a_cancelled_one_stops_every_rank(s
     text = logs(server, task_id)
     assert "launching 2 training processes under torchrun (ddp" in text
     assert "global batch 4 = batch_size 2 x gradient_accumulation_steps 1 x 2 process(es); ddp over 2" in text
+    assert f"memory allocator {'tcmalloc' if allocator.wanted_library({}) else 'glibc'}" in text
     metrics = requests.get(f"{server.url}/train/{task_id}/metrics", timeout=10).json()
     steps = [p["step"] for p in metrics["loss"]]
     assert steps == list(range(1, status["total_steps"] + 1))
