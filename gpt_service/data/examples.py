@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gpt_service.chat import render_chat
+from gpt_service.chat import ChatRenderer
 from gpt_service.data.readers import DatasetError, Record
 from gpt_service.data.tokenized import TokenizedSet, id_dtype
 
@@ -46,7 +46,7 @@ def _field(record: Record, key: str, where: str, expected: type = str) -> Any:
     return value
 
 
-def _chat_segments(tokenizer: Any, messages: Any, where: str) -> list[Segment]:
+def _chat_segments(render: ChatRenderer, messages: Any, where: str) -> list[Segment]:
     if not isinstance(messages, list) or not messages:
         raise DatasetError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}}')
     for i, message in enumerate(messages):
@@ -60,8 +60,8 @@ def _chat_segments(tokenizer: Any, messages: Any, where: str) -> list[Segment]:
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-        full = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prompt = render(messages[:i], add_generation_prompt=True)
+        full = render(messages[: i + 1], add_generation_prompt=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise DatasetError(f"{where}: the chat template does not render messages incrementally")
         segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
@@ -69,12 +69,15 @@ def _chat_segments(tokenizer: Any, messages: Any, where: str) -> list[Segment]:
     return segments
 
 
-def record_segments(tokenizer: Any, record: Record, where: str) -> list[Segment]:
-    """Split one record into (text, is-answer) segments, checking its keys and types."""
+def record_segments(tokenizer: Any, record: Record, where: str, render: ChatRenderer | None = None) -> list[Segment]:
+    """Split one record into (text, is-answer) segments, checking its keys and types.
+
+    Chats are rendered by `render`, or by a `ChatRenderer` of `tokenizer`: pass one to split many records.
+    """
     if "text" in record:
         return [(_field(record, "text", where), True)]
     if "messages" in record:
-        return _chat_segments(tokenizer, record["messages"], where)
+        return _chat_segments(render or ChatRenderer(tokenizer), record["messages"], where)
     if "instruction" in record and "output" in record:
         instruction = _field(record, "instruction", where)
         extra = _field(record, "input", where) if record.get("input") is not None else ""
@@ -106,8 +109,9 @@ class _Chunk:
 def _chunks(tokenizer: Any, records: list[Record], train_on_prompt: bool, source: str | Path) -> Iterator[_Chunk]:
     """The records' segments, checked, in chunks of about `CHUNK_CHARS` characters."""
     chunk, chars = _Chunk([], [], [], []), 0
+    render = ChatRenderer(tokenizer)
     for index, record in enumerate(records):
-        segments = record_segments(tokenizer, record, f"{source}: record {index + 1}")
+        segments = record_segments(tokenizer, record, f"{source}: record {index + 1}", render)
         chunk.texts.extend(text for text, _ in segments)
         chunk.trained.extend(is_answer or train_on_prompt for _, is_answer in segments)
         chunk.segment_counts.append(len(segments))
