@@ -31,13 +31,14 @@ def load_causal_lm(
     """The model in `dtype` on `device`; with `quantization` (a `BitsAndBytesConfig`) its linear
     layers are quantized as they load, on that device.
 
-    A quantized model's checkpoint is read rather than memory-mapped: mapped, its full-precision
-    pages would stay resident beside the quantized weights (the unquantized embeddings are views
-    of the mapping), about doubling a 4-bit model's memory on a CPU for as long as it lives.
+    A quantized model's checkpoint is memory-mapped and its layers quantized one by one; what is
+    left unquantized (embeddings, norms) is then copied out of the mapping, whose full-precision
+    pages would otherwise stay resident beside the quantized weights for as long as the model
+    lives. (Reading the checkpoint instead, `disable_mmap`, holds the file twice while it loads:
+    a 1 GB model's load peaked 1 GB higher.)
     """
     source, local_only = resolve_model_source(name_or_path, allow_downloads)
-    placement = ({"quantization_config": quantization, "device_map": {"": str(device)}, "disable_mmap": True}
-                 if quantization else {})
+    placement = {"quantization_config": quantization, "device_map": {"": str(device)}} if quantization else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, local_files_only=local_only, use_safetensors=True, trust_remote_code=False,
@@ -45,7 +46,13 @@ def load_causal_lm(
         )
     except (OSError, ValueError) as exc:  # custom code refused, missing files, unknown architecture
         raise ModelSourceError(f"cannot load the model {name_or_path}: {exc}") from exc
-    return model if quantization else model.to(device)
+    if quantization is None:
+        return model.to(device)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if type(tensor) in (torch.nn.Parameter, torch.Tensor):  # bitsandbytes' own types hold their memory
+                tensor.data = tensor.data.clone()
+    return model
 
 
 def position_limit(model: Any) -> int | None:

@@ -181,9 +181,11 @@ class Worker:
 
     def _spawn(self, task: Task, lease: Lease) -> subprocess.Popen:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        env = allocator.preloaded_environment({**os.environ, "GPT_SERVICE_DATABASE_URL": str(self.settings.database_url),
-                                     "GPT_SERVICE_ALLOW_DOWNLOADS": "1" if self.settings.allow_downloads else "0",
-                                     allocator.SETTING: self.settings.malloc})
+        env = allocator.preloaded_environment({
+            **os.environ, "GPT_SERVICE_DATABASE_URL": str(self.settings.database_url),
+            "GPT_SERVICE_ALLOW_DOWNLOADS": "1" if self.settings.allow_downloads else "0",
+            allocator.SETTING: self.settings.malloc,
+        })
         with open(self.logs_dir / f"{task.task_id}.log", "ab") as output:
             process = subprocess.Popen(
                 [sys.executable, "-m", "gpt_service.tasks.runner", task.task_id, "--lease-token", str(lease.token),

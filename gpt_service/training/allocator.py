@@ -14,16 +14,19 @@ with it. `GPT_SERVICE_MALLOC=system` keeps glibc's malloc.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 SETTING = "GPT_SERVICE_MALLOC"  # "tcmalloc" (the default) or "system"
 _LIBRARY = "tcmalloc_minimal"  # Debian/Ubuntu: libtcmalloc-minimal4; RHEL: gperftools-libs
 _RERUN = "GPT_SERVICE_MALLOC_RERUN"  # set on the second run, so that a preload that fails cannot loop
 # tcmalloc reports every allocation above 1 GB on stderr by default: a model's weights are such allocations.
+_DECOMMIT = b"tcmalloc.aggressive_memory_decommit"
 _QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 62)}
 
 
@@ -70,3 +73,31 @@ def run_with_allocator() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, {**env, _RERUN: "1"})
+
+
+@contextlib.contextmanager
+def freed_memory_returned() -> Iterator[None]:
+    """Within: tcmalloc gives freed memory back to the system at once, as glibc does for large blocks.
+
+    For one-time phases such as loading a model, whose large buffers (a checkpoint file read whole,
+    weights before quantization) are not needed again: kept for reuse they would raise the peak. In
+    the training steps, reuse is what saves the kernel's zero-filling of fresh pages, so it ends here.
+    """
+    extension = _tcmalloc_extension()
+    if extension is not None:
+        extension.MallocExtension_SetNumericProperty(_DECOMMIT, 1)
+    try:
+        yield
+    finally:
+        if extension is not None:
+            extension.MallocExtension_SetNumericProperty(_DECOMMIT, 0)
+            extension.MallocExtension_ReleaseFreeMemory()
+
+
+def _tcmalloc_extension() -> ctypes.CDLL | None:
+    """tcmalloc's C API, where it is this process's allocator."""
+    if in_use() != "tcmalloc":
+        return None
+    library = ctypes.CDLL(None)  # the preloaded library's symbols are the process's
+    library.MallocExtension_SetNumericProperty.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+    return library

@@ -38,6 +38,7 @@ from gpt_service.data.batching import PAD_TO_MULTIPLE_OF, epoch_batches, round_u
 from gpt_service.errors import UserError
 from gpt_service.hardware import Precision, available_memory, choose_precision
 from gpt_service.model_sources import ModelSourceError, resolve_model_source
+from gpt_service.training.allocator import wanted_library
 from gpt_service.training.loss import BLOCK_ELEMENTS
 from gpt_service.training.speedups import MATMUL_ATTENTION_MAX_SCORES, speed_up
 
@@ -51,9 +52,11 @@ QUANTIZED_BYTES = {(4, True): 0.5 + 1 / 64 + 4 / (64 * 256), (4, False): 0.5 + 4
 # Backward-pass room beyond what autograd saved: the gradients flowing through the layer being
 # differentiated, about one layer's activations again.
 BACKWARD_ROOM = 1.0
-# What the allocator holds beyond the saved activations' bytes (freed blocks kept for reuse, tensors
-# freed late): measured against peak RSS at a Qwen2-0.5B shape (bench/train_memory.py), 15%.
-ACTIVATION_SLACK = 1.15
+# What the allocator holds beyond the saved activations' bytes (freed blocks it cannot give back,
+# tensors freed late), measured against peak RSS at a Qwen2-0.5B shape (bench/train_memory.py):
+# 15% under glibc's malloc; none under tcmalloc, which our training processes preload where it is
+# installed (training/allocator.py). Devices' caching allocators are taken as glibc's.
+ACTIVATION_SLACK = {"glibc": 1.15, "tcmalloc": 1.0}
 PROBE_LENGTHS = (64, 128)
 
 
@@ -87,7 +90,7 @@ class MemoryEstimate:
     activations_with_checkpointing_bytes: int
     head_bytes: int
     runtime_bytes: int
-    loading_bytes: int  # while a quantized base loads on a CPU: one whole checkpoint file besides the rest
+    loading_bytes: int  # while a quantized base loads on a CPU: its mapped checkpoint file, the runtime
     smallest_bytes: int  # the peak with checkpointing and a 4-bit base: the least this run can take
     available_bytes: int
     total_steps: int
@@ -341,9 +344,9 @@ def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
         per_layer += probe.attention_bytes_per_token_per_position * positions
     last_layer = tokens * per_layer * (1 + BACKWARD_ROOM)  # kept (or recomputed), and its gradients
     outside = tokens * probe.other_bytes_per_token
-    plain = int(((layers - 1) * tokens * per_layer + last_layer + outside) * ACTIVATION_SLACK)
-    checkpointed = int((layers * tokens * probe.checkpointed_bytes_per_token + last_layer + outside)
-                       * ACTIVATION_SLACK)
+    slack = ACTIVATION_SLACK["tcmalloc" if device.type == "cpu" and wanted_library() else "glibc"]
+    plain = int(((layers - 1) * tokens * per_layer + last_layer + outside) * slack)
+    checkpointed = int((layers * tokens * probe.checkpointed_bytes_per_token + last_layer + outside) * slack)
     fused = config.fast_paths and not getattr(model_config, "final_logit_softcapping", None)
     steps_per_epoch = math.ceil(math.ceil(len(lengths) / (config.batch_size * config.num_processes))
                                 / config.gradient_accumulation_steps)
@@ -365,8 +368,7 @@ def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
         weights_bytes=weights, lora_bytes=lora_bytes,
         activations_without_checkpointing_bytes=plain, activations_with_checkpointing_bytes=checkpointed,
         head_bytes=head, runtime_bytes=RUNTIME_BYTES,
-        loading_bytes=RUNTIME_BYTES + weights + _largest_shard(source) if config.quantization and device.type == "cpu"
-        else 0,
+        loading_bytes=RUNTIME_BYTES + _largest_shard(source) if config.quantization and device.type == "cpu" else 0,
         smallest_bytes=fixed - weights + least_weights + checkpointed,
         available_bytes=available, total_steps=steps_per_epoch * config.num_epochs, eta_seconds=round(eta, 1),
     )

@@ -185,6 +185,10 @@ class _Run:
         return distributed.any_rank(self.group, estimate.gradient_checkpointing)  # all ranks alike
 
     def _load_base(self) -> Any:
+        with allocator.freed_memory_returned():
+            return self._load_base_model()
+
+    def _load_base_model(self) -> Any:
         quantization = self.config.quantization
         if quantization is None:
             return load_causal_lm(self.config.base_model, self.precision.weights_dtype, self.precision.device)
