@@ -22,6 +22,8 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from gpt_service.errors import UserError
+
 SETTING = "GPT_SERVICE_MALLOC"  # "tcmalloc" (the default) or "system"
 _LIBRARY = "tcmalloc_minimal"  # Debian/Ubuntu: libtcmalloc-minimal4; RHEL: gperftools-libs
 _RERUN = "GPT_SERVICE_MALLOC_RERUN"  # set on the second run, so that a preload that fails cannot loop
@@ -36,7 +38,7 @@ def wanted_library(env: Mapping[str, str] = os.environ) -> str | None:
     if setting == "system":
         return None
     if setting != "tcmalloc":
-        raise ValueError(f"{SETTING} must be 'tcmalloc' or 'system', not {env[SETTING]!r}")
+        raise UserError(f"{SETTING} must be 'tcmalloc' or 'system', not {env[SETTING]!r}")
     return ctypes.util.find_library(_LIBRARY)
 
 

@@ -272,6 +272,13 @@ def _attention_keeps_scores(rows: int, positions: int, model_config: Any, precis
             and rows * heads * positions * positions <= MATMUL_ATTENTION_MAX_SCORES)
 
 
+def head_fuses(model_config: Any) -> bool:
+    """Whether the fused head loss will run (loss.py checks it on the model; here, from the config alone):
+    not for families whose logits are soft-capped or scaled (Gemma 2, Granite, Cohere)."""
+    return (not getattr(model_config, "final_logit_softcapping", None)
+            and all(getattr(model_config, name, None) in (None, 1.0) for name in ("logits_scaling", "logit_scale")))
+
+
 def head_bytes(model_config: Any, rows: int, positions: int, precision: Precision, fused: bool) -> int:
     """The output head's working memory: the fused head loss's block of logits (in the compute dtype,
     upcast, and its gradient) and the hidden states it reads, or else the whole logits likewise."""
@@ -347,7 +354,7 @@ def estimate_memory(config: TrainConfig, lengths: list[int] | None = None,
     slack = ACTIVATION_SLACK["tcmalloc" if device.type == "cpu" and wanted_library() else "glibc"]
     plain = int(((layers - 1) * tokens * per_layer + last_layer + outside) * slack)
     checkpointed = int((layers * tokens * probe.checkpointed_bytes_per_token + last_layer + outside) * slack)
-    fused = config.fast_paths and not getattr(model_config, "final_logit_softcapping", None)
+    fused = config.fast_paths and head_fuses(model_config)
     steps_per_epoch = math.ceil(math.ceil(len(lengths) / (config.batch_size * config.num_processes))
                                 / config.gradient_accumulation_steps)
     available = available_memory(device)

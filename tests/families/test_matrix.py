@@ -30,6 +30,7 @@ from gpt_service.hardware import Precision
 from gpt_service.inference.fast_decoder import FastDecoder
 from gpt_service.inference.registry import ModelRegistry
 from gpt_service.training.loss import _plain_heads, summed_token_loss
+from gpt_service.training.memory import head_fuses
 from gpt_service.training.recipe import run_lora_finetune
 from gpt_service.training.speedups import CPU_ATTENTION, speed_up
 from tests.conftest import QA_PAIRS, qa_prompt
@@ -93,6 +94,7 @@ def test_one_training_step_equals_peft(models: dict[str, Path], family: str, dev
     lora_layers = [m for m in ours.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
     assert lora_layers and all("forward" in vars(m) for m in lora_layers)  # the lean LoRA branch, everywhere
     assert _plain_heads[base] is fused_head
+    assert head_fuses(base.config) is fused_head  # the memory estimate counts the head the run will use
     assert (base.config._attn_implementation == CPU_ATTENTION) is (cpu_attention and device == "cpu")
     assert (FastDecoder.unsupported(ours.eval()) is None) is fast_decoder
 

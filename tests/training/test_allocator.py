@@ -35,10 +35,17 @@ def test_the_script_trains_under_the_allocator_asked_for(tiny_model: Path, tmp_p
         assert "tcmalloc: large alloc" not in result.stderr
 
 
-def test_a_bad_setting_is_refused_by_name(tiny_model: Path, tmp_path: Path) -> None:
+def test_a_bad_setting_is_refused_by_name(tiny_model: Path, tmp_path: Path, text_records: list[dict]) -> None:
     result = train(tiny_model, tmp_path / "absent.json", tmp_path / "out", "jemalloc")
     assert result.returncode != 0
     assert "GPT_SERVICE_MALLOC must be 'tcmalloc' or 'system', not 'jemalloc'" in result.stderr
+    estimate = subprocess.run(  # `gpt-service train --estimate`, which weighs the run under the allocator
+        [sys.executable, "-c", "import sys; from gpt_service.cli import main; sys.exit(main())", "train",
+         "--base_model", str(tiny_model), "--dataset_path", str(write_json(tmp_path / "t.json", text_records)),
+         "--estimate"], env=os.environ | {"GPT_SERVICE_MALLOC": "jemalloc"}, capture_output=True, text=True,
+        timeout=300)
+    assert estimate.returncode != 0 and "Traceback" not in estimate.stderr
+    assert "GPT_SERVICE_MALLOC must be 'tcmalloc' or 'system', not 'jemalloc'" in estimate.stderr
 
 
 @pytest.mark.skipif(TCMALLOC is None, reason="tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
