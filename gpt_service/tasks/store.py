@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gpt_service.tasks import leases
@@ -179,8 +180,12 @@ class TaskStore:
     # -- workers ------------------------------------------------------------------------------------
 
     def register_worker(self, offer: WorkerOffer, lease_seconds: float) -> None:
-        with self.session() as s:
-            leases.register(s, offer, lease_seconds)
+        try:
+            with self.session() as s:
+                leases.register(s, offer, lease_seconds)
+        except IntegrityError as exc:  # another worker took the name between our read and our insert
+            raise leases.WorkerNameInUse(f"a worker named {offer.name!r} registered at the same moment; give "
+                                         "each worker its own --name") from exc
 
     def heartbeat(self, name: str) -> None:
         with self.session() as s:
