@@ -27,8 +27,8 @@ from gpt_service.errors import UserError
 SETTING = "GPT_SERVICE_MALLOC"  # "tcmalloc" (the default) or "system"
 _LIBRARY = "tcmalloc_minimal"  # Debian/Ubuntu: libtcmalloc-minimal4; RHEL: gperftools-libs
 _RERUN = "GPT_SERVICE_MALLOC_RERUN"  # set on the second run, so that a preload that fails cannot loop
-# tcmalloc reports every allocation above 1 GB on stderr by default: a model's weights are such allocations.
 _DECOMMIT = b"tcmalloc.aggressive_memory_decommit"
+# tcmalloc reports every allocation above 1 GB on stderr by default: a model's weights are such allocations.
 _QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 62)}
 
 
@@ -81,8 +81,8 @@ def run_with_allocator() -> None:
 def freed_memory_returned() -> Iterator[None]:
     """Within: tcmalloc gives freed memory back to the system at once, as glibc does for large blocks.
 
-    For one-time phases such as loading a model, whose large buffers (a checkpoint file read whole,
-    weights before quantization) are not needed again: kept for reuse they would raise the peak. In
+    For one-time phases such as loading a model, whose large buffers (weights before quantization or
+    conversion) are not needed again: kept for reuse they would raise the peak. In
     the training steps, reuse is what saves the kernel's zero-filling of fresh pages, so it ends here.
     """
     extension = _tcmalloc_extension()
