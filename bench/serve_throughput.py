@@ -503,7 +503,8 @@ def main() -> None:
                     levels += run_ours(workspace, [c for c in clients if c == 64], args.rounds, prompts,
                                        False, args.wait_idle, mixed, name, env)
             elif key == "d":
-                levels += run_vllm(workspace, model_dir, args.vllm_python, clients, args.rounds, prompts,
+                vllm_python = os.path.abspath(args.vllm_python)  # the servers start in the workspace
+                levels += run_vllm(workspace, model_dir, vllm_python, clients, args.rounds, prompts,
                                    not args.no_adapters, args.wait_idle, mixed)
             else:
                 raise SystemExit(f"unknown server {key!r}")
