@@ -236,8 +236,14 @@ class TaskStore:
     def metrics(self, task_id: str) -> list[dict[str, Any]]:
         with self.session() as s:
             rows = s.scalars(select(MetricPoint).where(MetricPoint.task_id == task_id).order_by(MetricPoint.id))
-            return [{"step": r.step, "epoch": r.epoch, "loss": r.loss, "eval_loss": r.eval_loss,
-                     "learning_rate": r.learning_rate} for r in rows]
+            points: list[dict[str, Any]] = []
+            for r in rows:
+                point = {"step": r.step, "epoch": r.epoch, "loss": r.loss, "eval_loss": r.eval_loss,
+                         "learning_rate": r.learning_rate}
+                while points and _restarts(points[-1], point):
+                    points.pop()
+                points.append(point)
+            return points
 
     def log_lines(self, task_id: str, tail: int | None) -> list[str]:
         query = select(LogLine.line).where(LogLine.task_id == task_id).order_by(LogLine.id.desc())
@@ -245,3 +251,10 @@ class TaskStore:
             query = query.limit(tail)
         with self.session() as s:
             return list(reversed(s.scalars(query).all()))
+
+
+def _restarts(earlier: dict[str, Any], point: dict[str, Any]) -> bool:
+    """Whether `point` replaces `earlier`: a resumed run logs again from its checkpoint's step, and the
+    lost attempt's points at or past that step are not part of the task's curve."""
+    same_kind = (earlier["eval_loss"] is None) == (point["eval_loss"] is None)
+    return earlier["step"] > point["step"] or (earlier["step"] == point["step"] and same_kind)

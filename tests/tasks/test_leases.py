@@ -141,3 +141,17 @@ def test_a_worker_name_is_refused_while_another_live_worker_has_it(store: TaskSt
     store.register_worker(offer("gpu-1", pid=other.pid + 1), lease_seconds=60)  # its old run is gone: taken over
     records, _, _ = store.workers()
     assert [(r.name, r.pid) for r in records] == [("gpu-1", other.pid + 1), ("gpu-2", other.pid + 1)]
+
+
+def test_a_resumed_run_s_points_replace_the_lost_attempt_s_past_its_checkpoint(store: TaskStore) -> None:
+    store.create("t1", REQUEST, None)
+    lost = claim(store, lease_seconds=0.3)
+    assert store.record_progress(lost, {"step": 5}, [{"step": s, "loss": 2.0} for s in range(1, 6)] + [
+        {"step": 5, "eval_loss": 1.5}], [])
+    assert reclaim_when_expired(store) == [("t1", "pending")]
+    resumed = claim(store, offer("w2"))  # from the step-3 checkpoint
+    assert store.record_progress(resumed, {"step": 6}, [{"step": s, "loss": 1.0} for s in (4, 5, 6)] + [
+        {"step": 6, "eval_loss": 0.9}], [])
+    points = store.metrics("t1")
+    assert [(p["step"], p["loss"], p["eval_loss"]) for p in points] == [
+        (1, 2.0, None), (2, 2.0, None), (3, 2.0, None), (4, 1.0, None), (5, 1.0, None), (6, 1.0, None), (6, None, 0.9)]
