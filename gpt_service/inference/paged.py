@@ -5,18 +5,21 @@ new keys and values are written at their tokens' slots (block * block_size + off
 nothing else in the pool moves, so sequences join and leave without touching each other's memory.
 
 Attention reads each sequence's blocks through its block table. The decoding sequences (one new
-token each) are gathered into one padded batch view, [kv_heads, rows, longest context, head_dim],
-for two batched products. The pool is laid out heads first ([kv_heads, blocks, block_size,
-head_dim] per layer) so that one `index_select` of whole blocks gives that view already contiguous:
-measured on CPU (bf16, one thread, 64 rows of 30 to 170 tokens, tcmalloc), 0.86 ms a layer against
-3.6 ms for advanced indexing of a blocks-first pool and a strided product, the same numbers bit for
-bit. A loop over rows would pay PyTorch's per-call overhead once per row and layer. A prompt chunk
-attends alone, causally, to its own sequence's blocks, through PyTorch's fused attention (a
-1,000-token prefill took 2 s of eager attention in bf16 on one thread).
+token each) are gathered into padded batch views, [kv_heads, rows, longest context, head_dim], for
+two batched products per view: one view for rows of similar length, more where padding short rows
+to a long one would cost more than another view's operations (`_by_context`). The pool is laid out
+heads first ([kv_heads, blocks, block_size, head_dim] per layer) so that one `index_select` of whole
+blocks gives a view already contiguous: measured on CPU (bf16, one thread, 64 rows of 30 to 170
+tokens, tcmalloc), 0.86 ms a layer against 3.6 ms for advanced indexing of a blocks-first pool and a
+strided product, the same numbers bit for bit. A loop over rows would pay PyTorch's per-call
+overhead once per row and layer. A prompt chunk attends alone, causally, to its own sequence's
+blocks, through PyTorch's fused attention (a 1,000-token prefill took 2 s of eager attention in bf16
+on one thread).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +55,15 @@ class Chunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Decoding sequences of similar context length, attended together over one padded batch view."""
+
+    rows: torch.Tensor  # indices of their tokens among the step's tokens
+    tables: torch.Tensor  # [rows, most blocks]: their block tables, padded
+    mask: torch.Tensor  # [1, rows, 1, most blocks * block_size]: 0, or the lowest float past each context
+
+
+@dataclass
 class PagedBatch:
     """One step's tokens, flattened: what the forward needs to embed, write and attend."""
 
@@ -59,9 +71,7 @@ class PagedBatch:
     positions: torch.Tensor  # [tokens]
     adapters: list[str]  # per token
     slots: torch.Tensor  # [tokens]: where each token's keys and values go
-    single: torch.Tensor | None  # indices of the tokens fed alone (decoding sequences)
-    tables: torch.Tensor | None  # [singles, most blocks]: their block tables, padded
-    single_mask: torch.Tensor | None  # [1, singles, 1, most blocks * block_size]: 0 or -inf past each context
+    decodes: list[DecodeGroup]  # the tokens fed alone (decoding sequences)
     chunks: list[Chunk]
     last: torch.Tensor  # indices of the tokens whose logits are wanted (each sequence fed to its end)
 
@@ -71,9 +81,7 @@ class PagedBatch:
         positions: list[int] = []
         adapters: list[str] = []
         slots: list[int] = []
-        single: list[int] = []
-        tables: list[list[int]] = []
-        lengths: list[int] = []
+        singles: list[tuple[int, list[int], int]] = []  # token index, blocks, context length
         chunks: list[Chunk] = []
         last: list[int] = []
         for seq, n in work:
@@ -85,27 +93,62 @@ class PagedBatch:
             slots += [blocks[p // block_size] * block_size + p % block_size for p in range(first, first + n)]
             used = -(-(first + n) // block_size)
             if n == 1:
-                single.append(start)
-                tables.append(blocks[:used])
-                lengths.append(first + 1)
+                singles.append((start, blocks[:used], first + 1))
             else:
                 chunks.append(Chunk(start, n, first, torch.tensor(blocks[:used], device=device)))
             if first + n == len(seq.tokens):
                 last.append(start + n - 1)
 
-        def as_tensor(values: list[Any]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
+        decodes = [_decode_group(group, block_size, device) for group in _by_context(singles, block_size)]
+        return cls(_longs(ids, device), _longs(positions, device), adapters, _longs(slots, device), decodes, chunks,
+                   _longs(last, device))
 
-        single_t = tables_t = mask = None
-        if single:
-            width = max(len(t) for t in tables)
-            tables_t = as_tensor([t + [0] * (width - len(t)) for t in tables])
-            context = torch.arange(width * block_size, device=device)
-            mask = torch.zeros(len(single), width * block_size, device=device)
-            mask.masked_fill_(context[None, :] >= as_tensor(lengths)[:, None], torch.finfo(torch.float32).min)
-            single_t, mask = as_tensor(single), mask[None, :, None, :]
-        return cls(as_tensor(ids), as_tensor(positions), adapters, as_tensor(slots), single_t, tables_t, mask,
-                   chunks, as_tensor(last))
+
+# One more decode group costs about as much as this many more padded tokens of context in a group: its
+# eight more operations against the gather and the products per token. Measured on CPU (bf16, one
+# thread, 64-wide heads, one layer): the mixed workload's 16 decoding rows, 100 to 1,300 tokens, took
+# 1.8 ms in one group and 0.85-0.9 ms in two or three (1,024 to 4,096 here); one group per distinct length, 1.7-2 ms;
+# 16 and 64 rows of 30 to 300 tokens the same as in one group, within noise.
+_GROUP_COST_TOKENS = 2048
+
+
+def _by_context(singles: list[tuple[int, list[int], int]], block_size: int) -> list[list[tuple[int, list[int], int]]]:
+    """The decoding sequences split into groups of similar length, so that short ones are not padded to
+    the longest: the split, over the sequences sorted by blocks used, that costs least in padded blocks
+    plus `_GROUP_COST_TOKENS` per group (dynamic programming over the distinct block counts)."""
+    if not singles:
+        return []
+    singles = sorted(singles, key=lambda single: len(single[1]))
+    widths = sorted({len(blocks) for _, blocks, _ in singles})
+    upto = [sum(len(blocks) <= width for _, blocks, _ in singles) for width in widths]  # rows at most this wide
+    group_cost = _GROUP_COST_TOKENS / block_size
+    best = [0.0] + [float("inf")] * len(widths)  # best[j]: cost of the rows up to widths[j - 1]
+    cut = [0] * (len(widths) + 1)
+    for j in range(1, len(widths) + 1):
+        for i in range(j):
+            cost = best[i] + (upto[j - 1] - (upto[i - 1] if i else 0)) * widths[j - 1] + group_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    ends, j = [], len(widths)
+    while j:
+        ends.append(upto[j - 1])
+        j = cut[j]
+    return [singles[a:b] for a, b in itertools.pairwise([0, *ends[::-1]])]
+
+
+def _decode_group(singles: list[tuple[int, list[int], int]], block_size: int, device: torch.device) -> DecodeGroup:
+    width = max(len(blocks) for _, blocks, _ in singles)
+    lengths = _longs([length for _, _, length in singles], device)
+    mask = torch.zeros(len(singles), width * block_size, device=device)
+    mask.masked_fill_(torch.arange(width * block_size, device=device)[None, :] >= lengths[:, None],
+                      torch.finfo(torch.float32).min)
+    return DecodeGroup(_longs([start for start, _, _ in singles], device),
+                       _longs([blocks + [0] * (width - len(blocks)) for _, blocks, _ in singles], device),
+                       mask[None, :, None, :])
+
+
+def _longs(values: list[Any], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: PagedBatch,
@@ -119,16 +162,15 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: Pag
     kv_heads = keys.shape[0]
     group = heads // kv_heads  # the query heads that share each kv head, side by side
     out = q.new_empty(tokens, heads, head_dim)
-    if batch.single is not None:
-        assert batch.tables is not None and batch.single_mask is not None
-        rows = batch.single.numel()
-        blocks = batch.tables.flatten()
+    for decode in batch.decodes:
+        rows = decode.rows.numel()
+        blocks = decode.tables.flatten()
         k = _blocks(keys, blocks).view(kv_heads, rows, -1, head_dim)  # [kv_heads, rows, context, head_dim]
         v = _blocks(values, blocks).view(kv_heads, rows, -1, head_dim)
-        grouped = q.index_select(0, batch.single).view(rows, kv_heads, group, head_dim).transpose(0, 1)
-        scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * scaling + batch.single_mask
+        grouped = q.index_select(0, decode.rows).view(rows, kv_heads, group, head_dim).transpose(0, 1)
+        scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * scaling + decode.mask
         attended = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # [kv_heads, rows, group, head_dim]
-        out[batch.single] = attended.transpose(0, 1).reshape(rows, heads, head_dim)
+        out[decode.rows] = attended.transpose(0, 1).reshape(rows, heads, head_dim)
     for chunk in batch.chunks:  # PyTorch's fused attention: on CPU a flash kernel, far faster than the above
         context = chunk.position + chunk.length
         k = _blocks(keys, chunk.blocks)[:, :context]  # [kv_heads, context, head_dim]

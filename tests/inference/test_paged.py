@@ -28,13 +28,11 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> 
     return torch.einsum("hqk,khd->qhd", weights, v).reshape(q.shape[0], -1)
 
 
-def test_decode_rows_and_a_prompt_chunk_attend_to_their_own_blocks() -> None:
-    torch.manual_seed(0)
-    pool = KVPool(1, num_blocks=16, block_size=BLOCK, kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=torch.float32,
-                  device=torch.device("cpu"))
-    # two decoding sequences (10 and 3 tokens cached, one more fed) and one fed a 5-token chunk after 6 cached,
-    # their blocks scattered over the pool
-    work = [(sequence(11, 10, [7, 2, 12]), 1), (sequence(4, 3, [5]), 1), (sequence(11, 6, [9, 0, 14]), 5)]
+def attend_and_check(work: list[tuple[Sequence, int]], num_blocks: int) -> PagedBatch:
+    """Cache each sequence's earlier keys and values at its blocks, run one step of `work` through the pool,
+    and check every token's output against plain causal attention over its own sequence."""
+    pool = KVPool(1, num_blocks=num_blocks, block_size=BLOCK, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                  dtype=torch.float32, device=torch.device("cpu"))
     keys = {id(s): torch.randn(s.computed + n, KV_HEADS, HEAD_DIM) for s, n in work}
     values = {id(s): torch.randn(s.computed + n, KV_HEADS, HEAD_DIM) for s, n in work}
     for s, _ in work:  # what earlier steps cached
@@ -45,11 +43,31 @@ def test_decode_rows_and_a_prompt_chunk_attend_to_their_own_blocks() -> None:
                torch.cat([values[id(s)][s.computed:] for s, _ in work]))
     q = torch.randn(batch.ids.numel(), HEADS, HEAD_DIM)
     out = attend(q, pool.keys[0], pool.values[0], batch, HEAD_DIM ** -0.5)
-
     start = 0
     for s, n in work:
         expected = reference(q[start:start + n], keys[id(s)], values[id(s)], s.computed)
         torch.testing.assert_close(out[start:start + n], expected)
         start += n
+    return batch
+
+
+def test_decode_rows_and_a_prompt_chunk_attend_to_their_own_blocks() -> None:
+    torch.manual_seed(0)
+    # two decoding sequences (10 and 3 tokens cached, one more fed) and one fed a 5-token chunk after 6 cached,
+    # their blocks scattered over the pool
+    work = [(sequence(11, 10, [7, 2, 12]), 1), (sequence(4, 3, [5]), 1), (sequence(11, 6, [9, 0, 14]), 5)]
+    batch = attend_and_check(work, num_blocks=16)
     assert batch.last.tolist() == [0, 1, 6]  # every sequence fed to its end: its last token's logits
     assert batch.positions.tolist() == [10, 3, 6, 7, 8, 9, 10]
+    assert [sorted(group.rows.tolist()) for group in batch.decodes] == [[0, 1]]  # short rows: one padded group
+
+
+def test_short_decode_rows_are_not_padded_to_a_long_one() -> None:
+    """Eight 3-token rows and one of 1,000 tokens: the long one attends in a group of its own."""
+    torch.manual_seed(0)
+    blocks = iter(range(300))
+    short = [(sequence(4, 3, [next(blocks)]), 1) for _ in range(8)]
+    long = (sequence(1001, 1000, [next(blocks) for _ in range(251)]), 1)
+    batch = attend_and_check([short[0], long, *short[1:]], num_blocks=300)
+    assert sorted(group.rows.tolist() for group in batch.decodes) == [[0, 2, 3, 4, 5, 6, 7, 8], [1]]
+    assert {tuple(group.tables.shape) for group in batch.decodes} == {(8, 1), (1, 251)}
