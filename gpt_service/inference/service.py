@@ -7,6 +7,8 @@ trains never imports torch in its own process.
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -33,6 +35,30 @@ def engine_options(settings: ServiceSettings) -> EngineOptions:
         chunked_prefill=settings.chunked_prefill, prefix_caching=settings.prefix_caching)
 
 
+class LoopHandoff:
+    """Hands the engine thread's events to their queues on an event loop, one wake-up of the loop for all
+    the events that came meanwhile (a step's tokens for every request), not one per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[Event], Event]] = []
+
+    def put(self, queue: asyncio.Queue[Event], event: Event) -> None:
+        """From any thread."""
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:  # a wake-up is already on its way
+                return
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 class InferenceService:
     """Names served by our engine (`registry`) or by vLLM servers (`vllm`), behind one interface."""
 
@@ -42,6 +68,8 @@ class InferenceService:
         self.default_dtype = settings.serve_dtype
         self.default_backend = settings.serving_backend
         self.generated_tokens: Counter[str] = Counter()  # per model name, for /metrics
+        self._handoffs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopHandoff] = \
+            weakref.WeakKeyDictionary()
 
     async def load(self, name: str, model_path: str, lora_adapter: str | None, dtype: str | None,
                    replace: bool, backend: str | None = None, vllm_options: tuple[str, ...] = (),
@@ -142,18 +170,25 @@ class InferenceService:
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 
-    @staticmethod
-    def _engine_stream(served: ServedModel, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Event]:
+    def _engine_stream(self, served: ServedModel, prompt_ids: list[int], params: SamplingParams
+                       ) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
+        handoff = self._handoffs.get(loop)
+        if handoff is None:
+            handoff = self._handoffs[loop] = LoopHandoff(loop)
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        request = GenerationRequest(prompt_ids, params, served.adapter,
-                                    lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        request = GenerationRequest(prompt_ids, params, served.adapter, lambda event: handoff.put(queue, event))
         served.base.engine.submit(request)
 
         async def events() -> AsyncIterator[Event]:
             try:
                 while True:
-                    yield await queue.get()
+                    event = await queue.get()
+                    while not event.finish_reason and not queue.empty():  # behind: one piece for what waits
+                        later = queue.get_nowait()
+                        later.text = event.text + later.text
+                        event = later
+                    yield event
             finally:
                 request.cancelled.set()
 

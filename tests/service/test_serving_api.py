@@ -172,6 +172,11 @@ def test_openai_package_completions_and_chat(srv: Server) -> None:
 
     several = client.completions.create(model="base", prompt="hello", max_tokens=8, n=3, seed=1, temperature=1)
     assert sorted(c.index for c in several.choices) == [0, 1, 2]
+    streamed = ["", "", ""]  # the same choices streamed: their pieces interleaved, each choice's text the same
+    for chunk in client.completions.create(model="base", prompt="hello", max_tokens=8, n=3, seed=1, temperature=1,
+                                           stream=True):
+        streamed[chunk.choices[0].index] += chunk.choices[0].text
+    assert streamed == [c.text for c in sorted(several.choices, key=lambda c: c.index)]
 
     with pytest.raises(openai.NotFoundError) as missing:
         client.completions.create(model="nope", prompt="x", max_tokens=4)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -62,21 +62,14 @@ async def _chunks(head: dict[str, Any], streams: list[AsyncIterator[Any]], chat:
                   include_usage: bool) -> AsyncIterator[str]:
     """OpenAI's chunk stream: each choice's pieces as they come, its finish, then [DONE]."""
     kind = "chat.completion.chunk" if chat else "text_completion"
-    merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator[Any]) -> None:
-        async for event in stream:
-            await merged.put((index, event))
-
-    pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     if chat:
         for i in range(len(streams)):
             yield sse({**head, "object": kind, "choices": [
                 {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
     completion_tokens, open_choices = 0, len(streams)
+    events = _merged(streams)
     try:
-        while open_choices:
-            index, event = await merged.get()
+        async for index, event in events:
             piece = {"delta": {"content": event.text} if event.text else {}} if chat else {
                 "text": event.text, "logprobs": None}
             if event.text or event.finish_reason:
@@ -85,9 +78,34 @@ async def _chunks(head: dict[str, Any], streams: list[AsyncIterator[Any]], chat:
             if event.finish_reason:
                 open_choices -= 1
                 completion_tokens += event.completion_tokens
+                if not open_choices:
+                    break
         if include_usage:
             yield sse({**head, "object": kind, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         yield sse("[DONE]")
+    finally:
+        await events.aclose()
+
+
+async def _merged(streams: list[AsyncIterator[Any]]) -> AsyncGenerator[tuple[int, Any], None]:
+    """The choices' events as they come, each with its choice's index; a single choice is read directly."""
+    if len(streams) == 1:
+        try:
+            async for event in streams[0]:
+                yield 0, event
+        finally:
+            await streams[0].aclose()  # type: ignore[attr-defined]
+        return
+    merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Any]) -> None:
+        async for event in stream:
+            await merged.put((index, event))
+
+    pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        while True:
+            yield await merged.get()
     finally:
         for task in pumps:
             task.cancel()
