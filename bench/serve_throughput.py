@@ -285,6 +285,22 @@ def drive(url: str, models: list[str], clients: int, requests_total: int, prompt
     return level
 
 
+def process_tree(pid: int) -> tuple[int, ...]:
+    """`pid` and its descendants (vLLM computes in a child process, its engine core), Linux only."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tuple(tree)
+
+
 def warm_up(url: str, models: list[str], prompts: list[str], concurrent: int, stream: bool = True) -> None:
     drive(url, models[:1], 1, 1, prompts, Level("", "warm-up", 1), stream=stream)
     if concurrent > 1:
@@ -307,7 +323,7 @@ def measure(server: Server, models: list[str], clients_levels: list[int], rounds
     for clients in clients_levels:
         wait_until_idle(wait_idle)
         level = drive(server.url, models, clients, max(rounds * clients, 3 if rounds == 1 else 4), prompts,
-                      Level(server.name, label, clients), server_pids=(server.process.pid,), stream=stream)
+                      Level(server.name, label, clients), server_pids=process_tree(server.process.pid), stream=stream)
         report(level)
         results.append(level)
     return results
