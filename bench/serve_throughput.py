@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -415,11 +416,15 @@ def table(levels: list[Level]) -> str:
     lines = ["| server | model | clients | completion tokens/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) "
              "| ITL p99 (ms) | latency p50 (s) | requests | short | other processes' CPU |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    def shown(value: float, form: str) -> str:  # not streamed: no TTFT or ITL
+        return "–" if math.isnan(value) else format(value, form)
+
     for lv in levels:
         errors = f" ({len(lv.errors)} failed)" if lv.errors else ""
         lines.append(f"| {lv.server} | {lv.label} | {lv.clients} | {lv.tokens_per_second:,.0f} | "
-                     f"{lv.percentile(50, lv.ttft):.3f} | {lv.percentile(99, lv.ttft):.3f} | "
-                     f"{1000 * lv.percentile(50, lv.itl):.0f} | {1000 * lv.percentile(99, lv.itl):.0f} | "
+                     f"{shown(lv.percentile(50, lv.ttft), '.3f')} | {shown(lv.percentile(99, lv.ttft), '.3f')} | "
+                     f"{shown(1000 * lv.percentile(50, lv.itl), '.0f')} | "
+                     f"{shown(1000 * lv.percentile(99, lv.itl), '.0f')} | "
                      f"{lv.percentile(50):.2f} | {len(lv.tokens)}{errors} | {lv.short} | {100 * lv.others:.0f}% |")
     return "\n".join(lines)
 
