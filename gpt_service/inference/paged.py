@@ -107,8 +107,9 @@ class PagedBatch:
 # One more decode group costs about as much as this many more padded tokens of context in a group: its
 # eight more operations against the gather and the products per token. Measured on CPU (bf16, one
 # thread, 64-wide heads, one layer): the mixed workload's 16 decoding rows, 100 to 1,300 tokens, took
-# 1.8 ms in one group and 0.85-0.9 ms in two or three (1,024 to 4,096 here); one group per distinct length, 1.7-2 ms;
-# 16 and 64 rows of 30 to 300 tokens the same as in one group, within noise.
+# 1.8 ms in one group, 0.85-0.9 ms in the two or three groups this gives at any value from 1,024 to
+# 4,096, and 1.7-2 ms in one group per distinct length; 16 and 64 rows of 30 to 300 tokens took the
+# same as in one group, within noise.
 _GROUP_COST_TOKENS = 2048
 
 

@@ -40,7 +40,7 @@ class LoopHandoff:
     the events that came meanwhile (a step's tokens for every request), not one per event."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self._loop = weakref.ref(loop)  # weak: the service's table of handoffs is keyed by the loop
         self._lock = threading.Lock()
         self._pending: list[tuple[asyncio.Queue[Event], Event]] = []
 
@@ -50,7 +50,9 @@ class LoopHandoff:
             self._pending.append((queue, event))
             if len(self._pending) > 1:  # a wake-up is already on its way
                 return
-        self.loop.call_soon_threadsafe(self._deliver)
+        loop = self._loop()
+        if loop is not None:
+            loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         with self._lock:
