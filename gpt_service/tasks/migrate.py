@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fcntl
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -57,13 +57,26 @@ def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
 
 
 def upgrade_to_head(engine: Engine) -> None:
-    """Upgrade the database in place; a no-op when it is already at the head."""
+    """Upgrade the database in place; a no-op when it is already at the head.
+
+    On SQLite the file lock is taken before the first connection, not only for the upgrade: a
+    connection switches the file to WAL (`store._make_engine`), and two processes switching a
+    rollback-journal file at once can deadlock, which SQLite answers at once with "database is
+    locked" rather than waiting out the busy timeout (a database made by 0.1.0 is such a file).
+    """
     head = head_revision()
+    if engine.dialect.name == "sqlite":
+        with _sqlite_file_lock(engine):
+            _upgrade(engine, head)
+        return
     with engine.connect() as connection:
         if current_revision(connection) == head:
             return
-    lock = _sqlite_file_lock(engine) if engine.dialect.name == "sqlite" else nullcontext()
-    with lock, engine.begin() as connection:
+    _upgrade(engine, head)
+
+
+def _upgrade(engine: Engine, head: str) -> None:
+    with engine.begin() as connection:
         if engine.dialect.name == "postgresql":  # held to the end of this transaction
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
         revision = current_revision(connection)

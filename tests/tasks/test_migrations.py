@@ -7,9 +7,12 @@ completed task with metrics and logs, a task left running by a server that died,
 
 from __future__ import annotations
 
+import fcntl
 import shutil
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,31 @@ def test_processes_starting_together_upgrade_once(backend: str, tmp_path: Path, 
     errors = [starter.communicate(timeout=120)[1] for starter in starters]
     assert [starter.returncode for starter in starters] == [0] * 4, errors
     assert revision_of(url) == "0002"
+
+
+def test_a_sqlite_store_opens_its_database_only_under_the_start_lock(tmp_path: Path) -> None:
+    """Its first connection switches the file to WAL: while another process starts (holds the lock), it
+    waits before connecting, so two processes never switch a rollback-journal file at once (a deadlock
+    SQLite answers with "database is locked" at once)."""
+    database = shutil.copy(LEGACY_DB, tmp_path / "gpt_service.db")
+    code = "import sys; from gpt_service.tasks.store import TaskStore; TaskStore(sys.argv[1]).close()"
+    with open(f"{database}.migrate-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        starter = subprocess.Popen([sys.executable, "-c", code, f"sqlite:///{database}"], stderr=subprocess.PIPE,
+                                   text=True)
+        deadline = time.monotonic() + 120
+        while f" -> FLOCK  ADVISORY  WRITE {starter.pid} " not in Path("/proc/locks").read_text():
+            assert starter.poll() is None and time.monotonic() < deadline, "the store did not wait for the lock"
+            time.sleep(0.05)
+        assert journal_mode(database) == "delete"  # not opened by the waiting store
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    assert starter.communicate(timeout=120)[1] == "" and starter.returncode == 0
+    assert journal_mode(database) == "wal" and revision_of(f"sqlite:///{database}") == head_revision()
+
+
+def journal_mode(database: Path) -> str:
+    connection = sqlite3.connect(database)
+    try:
+        return connection.execute("PRAGMA journal_mode").fetchone()[0]
+    finally:
+        connection.close()
