@@ -27,4 +27,7 @@ def logging_config(json_lines: bool) -> dict[str, Any]:
         "formatters": {"main": formatter}, "handlers": {"main": handler},
         "loggers": {name: {"handlers": ["main"], "level": "INFO", "propagate": False}
                     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "gpt_service", "py.warnings")},
+        # other libraries' warnings (e.g. `kernels`, which bitsandbytes loads) in the same format, not
+        # as logging's bare last-resort lines
+        "root": {"handlers": ["main"], "level": "WARNING"},
     }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,17 @@ def test_metrics_health_and_json_logs(workspace: Path, server_env: dict[str, str
     entries = [json.loads(line) for line in lines]
     assert any(e["logger"] == "uvicorn.access" and "/generate" in e["message"] for e in entries)
     assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+
+
+def test_json_logs_take_other_libraries_warnings_too() -> None:
+    """A library that logs through its own logger (`kernels`, loaded by bitsandbytes, warns when offline)
+    writes a JSON line like ours, not logging's bare last-resort line."""
+    code = ("import logging, logging.config; from gpt_service.logs import logging_config; "
+            "logging.config.dictConfig(logging_config(True)); "
+            "logging.getLogger('kernels._internals.hf_hub').warning('offline: trust not checked'); "
+            "logging.getLogger('kernels._internals.hf_hub').info('below the level')")
+    stderr = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    [line] = stderr.splitlines()
+    entry = json.loads(line)
+    assert (entry["level"], entry["logger"], entry["message"]) == ("WARNING", "kernels._internals.hf_hub",
+                                                                   "offline: trust not checked")
