@@ -4,8 +4,9 @@ The pool holds, per layer, keys and values of `num_blocks` blocks of `block_size
 new keys and values are written at their tokens' slots (block * block_size + offset) in place:
 nothing else in the pool moves, so sequences join and leave without touching each other's memory.
 
-Attention reads each sequence's blocks through its block table. The decoding sequences (one new
-token each) are gathered into padded batch views, [kv_heads, rows, longest context, head_dim], for
+Attention reads each sequence's blocks through its block table. On CPU the decoding sequences (one new
+token each) attend through `attention_kernel`, which reads their blocks in place. Elsewhere, or where
+it could not be built, they are gathered into padded batch views, [kv_heads, rows, longest context, head_dim], for
 two batched products per view: one view for rows of similar length, more where padding short rows
 to a long one would cost more than another view's operations (`_by_context`). The pool is laid out
 heads first ([kv_heads, blocks, block_size, head_dim] per layer) so that one `index_select` of whole
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from gpt_service.inference import attention_kernel
 from gpt_service.inference.sequence import Sequence
 
 
@@ -60,7 +62,9 @@ class DecodeGroup:
 
     rows: torch.Tensor  # indices of their tokens among the step's tokens
     tables: torch.Tensor  # [rows, most blocks]: their block tables, padded
-    mask: torch.Tensor  # [1, rows, 1, most blocks * block_size]: 0, or the lowest float past each context
+    lengths: torch.Tensor  # [rows]: their context lengths
+    mask: torch.Tensor | None  # [1, rows, 1, most blocks * block_size]: 0, or the lowest float past each context;
+    # None where the attention kernel reads the blocks in place (see `attention_kernel`)
 
 
 @dataclass
@@ -76,7 +80,10 @@ class PagedBatch:
     last: torch.Tensor  # indices of the tokens whose logits are wanted (each sequence fed to its end)
 
     @classmethod
-    def of(cls, work: list[tuple[Sequence, int]], block_size: int, device: torch.device) -> PagedBatch:
+    def of(cls, work: list[tuple[Sequence, int]], block_size: int, device: torch.device,
+           kernel: bool = False) -> PagedBatch:
+        """The step's batch; `kernel`: its decoding sequences attend through the attention kernel, in one
+        group (else in padded views, grouped by context length)."""
         ids: list[int] = []
         positions: list[int] = []
         adapters: list[str] = []
@@ -99,7 +106,8 @@ class PagedBatch:
             if first + n == len(seq.tokens):
                 last.append(start + n - 1)
 
-        decodes = [_decode_group(group, block_size, device) for group in _by_context(singles, block_size)]
+        groups = ([singles] if singles else []) if kernel else _by_context(singles, block_size)
+        decodes = [_decode_group(group, block_size, device, masked=not kernel) for group in groups]
         return cls(_longs(ids, device), _longs(positions, device), adapters, _longs(slots, device), decodes, chunks,
                    _longs(last, device))
 
@@ -137,15 +145,18 @@ def _by_context(singles: list[tuple[int, list[int], int]], block_size: int) -> l
     return [singles[a:b] for a, b in itertools.pairwise([0, *ends[::-1]])]
 
 
-def _decode_group(singles: list[tuple[int, list[int], int]], block_size: int, device: torch.device) -> DecodeGroup:
+def _decode_group(singles: list[tuple[int, list[int], int]], block_size: int, device: torch.device,
+                  masked: bool) -> DecodeGroup:
     width = max(len(blocks) for _, blocks, _ in singles)
     lengths = _longs([length for _, _, length in singles], device)
-    mask = torch.zeros(len(singles), width * block_size, device=device)
-    mask.masked_fill_(torch.arange(width * block_size, device=device)[None, :] >= lengths[:, None],
-                      torch.finfo(torch.float32).min)
-    return DecodeGroup(_longs([start for start, _, _ in singles], device),
-                       _longs([blocks + [0] * (width - len(blocks)) for _, blocks, _ in singles], device),
-                       mask[None, :, None, :])
+    mask = None
+    if masked:
+        mask = torch.zeros(len(singles), width * block_size, device=device)
+        mask.masked_fill_(torch.arange(width * block_size, device=device)[None, :] >= lengths[:, None],
+                          torch.finfo(torch.float32).min)
+        mask = mask[None, :, None, :]
+    tables = _longs([blocks + [0] * (width - len(blocks)) for _, blocks, _ in singles], device)
+    return DecodeGroup(_longs([start for start, _, _ in singles], device), tables, lengths, mask)
 
 
 def _longs(values: list[Any], device: torch.device) -> torch.Tensor:
@@ -164,6 +175,10 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: Pag
     group = heads // kv_heads  # the query heads that share each kv head, side by side
     out = q.new_empty(tokens, heads, head_dim)
     for decode in batch.decodes:
+        if decode.mask is None:
+            out[decode.rows] = attention_kernel.decode(q.index_select(0, decode.rows), keys, values, decode.tables,
+                                                       decode.lengths, scaling)
+            continue
         rows = decode.rows.numel()
         blocks = decode.tables.flatten()
         k = _blocks(keys, blocks).view(kv_heads, rows, -1, head_dim)  # [kv_heads, rows, context, head_dim]

@@ -1,0 +1,68 @@
+"""Decode attention read straight from the block pool: a small C++ operator, built on first use.
+
+Without it, decoding rows attend through padded batch views gathered from the pool (`paged.attend`):
+the gather writes every row's keys and values once more and the products read them again, three
+passes over the cache where one would do, with each row padded to its group's longest context.
+The operator reads each row's blocks in place through its block table, in float32, one (row, kv head)
+pair per task of PyTorch's own thread pool: what vLLM's CPU backend does with its C++ attention.
+
+PyTorch builds it with the machine's C++ compiler (`torch.utils.cpp_extension`, ninja) into its
+extensions cache, once per machine: about 15 s on two cores, then a load of the library. It is built
+for this CPU (`-march=native`), so the cache entry's name carries the CPU's model and flags. Where the
+build fails (no compiler, no ninja, no headers), a warning says why and decoding takes the gathered path.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+_build_lock = threading.Lock()  # two models loading at once build it once
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and instruction set flags, as /proc/cpuinfo gives them (empty where it cannot be read)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+
+
+def available() -> bool:
+    """Whether the operator is loaded (`torch.ops.gpt_service_paged.decode`), building it first where needed."""
+    with _build_lock:
+        return _build()
+
+
+@functools.cache
+def _build() -> bool:
+    from torch.utils import cpp_extension
+
+    name = "gpt_service_paged_" + hashlib.sha256(_cpu_identity().encode()).hexdigest()[:12]
+    try:
+        cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as exc:  # any failure to build or load leaves the gathered path
+        log.warning("decode attention kernel not built (%s: %s); decoding attends through gathered blocks",
+                    type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
+        return False
+    return True
+
+
+def decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor,
+           scaling: float) -> torch.Tensor:
+    """Attention of one new token per row over its cached context: [rows, heads, head_dim].
+
+    q: [rows, heads, head_dim]; keys, values: one layer's pool, [kv_heads, blocks, block_size, head_dim];
+    tables: [rows, most blocks] (padded past each row's blocks); lengths: [rows], the tokens each row attends to.
+    """
+    return torch.ops.gpt_service_paged.decode(q, keys, values, tables, lengths, scaling)
