@@ -56,9 +56,10 @@ class ServiceSettings(BaseSettings):
     fast_paths: bool = Field(True, description="The engine's own forward over the paged KV cache for Llama-style "
                              "models (packed bf16 weights, batched LoRA rows); false runs the model's own forward "
                              "over a contiguous cache, for diagnosis.")
-    attention_kernel: bool = Field(True, description="On CPU, decode attention reads the paged KV cache in place "
-                                   "through a small C++ operator, built on first load with the machine's compiler "
-                                   "(inference/attention_kernel.py); false, or no compiler: through gathered blocks.")
+    cpu_kernels: bool = Field(True, description="On CPU, the paged forward's decode attention (read from the KV "
+                              "cache in place), RMSNorm and rotary embedding run as C++ operators, built on first "
+                              "load with the machine's compiler (inference/cpu_kernels.py); false, or no compiler: "
+                              "PyTorch's operators.")
     kv_cache_gb: float | None = Field(None, gt=0, description="The KV cache pool per base model, in GiB (default: a "
                                       "quarter of the memory free at load, container limits respected, at most 4).")
     kv_block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block.")

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from gpt_service.inference import attention_kernel
+from gpt_service.inference import cpu_kernels
 from gpt_service.inference.errors import ModelNotLoaded, QueueFull
 from gpt_service.inference.fast_decoder import FastDecoder
 from gpt_service.inference.kv_cache import KVCacheManager
@@ -44,7 +44,7 @@ class EngineOptions:
     max_batch_size: int = 64  # sequences running at once
     max_waiting: int = 256  # requests queued; past it, QueueFull
     fast_paths: bool = True  # the paged forward for the architectures it knows
-    attention_kernel: bool = True  # its decode attention through the C++ kernel on CPU (`attention_kernel`)
+    cpu_kernels: bool = True  # on CPU, its attention, norms and rotary embedding in C++ (`cpu_kernels`)
     kv_cache_bytes: int | None = None  # None: a share of the memory free at load
     block_size: int = 16  # tokens per KV block
     max_batched_tokens: int = 512  # tokens fed per step: the prompt chunk's budget
@@ -104,8 +104,8 @@ class BatchEngine:
         self._runner_key: tuple[Any, ...] | None = None
         self._threads: ThreadTuner | None = None  # made on the engine's own thread
         self._closing = False
-        if options.fast_paths and options.attention_kernel and next(model_ref().parameters()).device.type == "cpu":
-            attention_kernel.available()  # built (once per machine) at load, not in the first request's step
+        if options.fast_paths and options.cpu_kernels and next(model_ref().parameters()).device.type == "cpu":
+            cpu_kernels.available()  # built (once per machine) at load, not in the first request's step
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -222,7 +222,7 @@ class BatchEngine:
             if runner is not None:
                 runner.release(preempted)
             self._runner = runner = PagedRunner(decoder, self.kv.num_blocks, self.kv.block_size,
-                                                self.options.attention_kernel) \
+                                                self.options.cpu_kernels) \
                 if decoder is not None else ContiguousRunner(self.model_ref)
         return runner
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from gpt_service.inference import cpu_kernels
 from gpt_service.inference.paged import KVPool, PagedBatch, attend
 from gpt_service.memory import free_memory
 
@@ -216,6 +217,10 @@ class FastDecoder:
         inner = getattr(lm, "model", None)
         if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "rotary_emb", "norm", "layers")):
             return "no embed_tokens, rotary_emb, norm and layers"
+        norms = [inner.norm] + [n for layer in inner.layers for n in (
+            getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))]
+        if not all(hasattr(n, "weight") and hasattr(n, "variance_epsilon") for n in norms):
+            return "norms other than RMSNorm (weight, variance_epsilon)"
         allowed = set()
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -252,21 +257,49 @@ class FastDecoder:
 
     def forward(self, batch: PagedBatch, pool: KVPool) -> torch.Tensor:
         """Float32 logits [len(batch.last), vocab] at `batch.last`; writes every token's keys and values into `pool`."""
-        ids, positions = batch.ids, batch.positions
+        ids, positions, fused = batch.ids, batch.positions, batch.kernels
         rows = AdapterRows.of([self.adapter_index.get(a, 0) for a in batch.adapters], ids.device)
-        n = ids.shape[0]
         hidden = self.embed(ids)  # [tokens, hidden]
         cos, sin = self.rotary(hidden, positions[:, None])  # [tokens, 1, head_dim], broadcast over heads
+        x = _norm(hidden, self.layers[0][0].input_layernorm, fused)
         for i, (layer, qkv, o_proj, gate_up, down) in enumerate(self.layers):
             attn = layer.self_attn
-            head_dim = attn.head_dim
-            half = head_dim // 2
-            q, k, v = qkv(layer.input_layernorm(hidden), rows).split(qkv.sizes, -1)
-            q, k, v = q.view(n, -1, head_dim), k.view(n, -1, head_dim), v.view(n, -1, head_dim)
-            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
-            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
+            q, k, v = _rotated(qkv(x, rows), qkv.sizes, attn.head_dim, cos, sin, fused)
             pool.write(i, batch.slots, k, v)
-            hidden = hidden + o_proj(attend(q, pool.keys[i], pool.values[i], batch, attn.scaling), rows)
-            gate, up = gate_up(layer.post_attention_layernorm(hidden), rows).split(gate_up.sizes, -1)
-            hidden = hidden + down(layer.mlp.act_fn(gate) * up, rows)
-        return self.lm_head(self.norm(hidden.index_select(0, batch.last)), None).float().cpu()
+            attended = o_proj(attend(q, pool.keys[i], pool.values[i], batch, attn.scaling), rows)
+            hidden, x = _add_norm(hidden, attended, layer.post_attention_layernorm, fused)
+            gate, up = gate_up(x, rows).split(gate_up.sizes, -1)
+            mlp = down(layer.mlp.act_fn(gate) * up, rows)
+            if i + 1 < len(self.layers):
+                hidden, x = _add_norm(hidden, mlp, self.layers[i + 1][0].input_layernorm, fused)
+            else:
+                hidden = hidden + mlp
+        return self.lm_head(_norm(hidden.index_select(0, batch.last), self.norm, fused), None).float().cpu()
+
+
+def _norm(x: torch.Tensor, norm: torch.nn.Module, fused: bool) -> torch.Tensor:
+    return cpu_kernels.rms_norm(x, norm) if fused else norm(x)
+
+
+def _add_norm(hidden: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module,
+              fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden + residual (in place where fused), and its norm."""
+    if fused:
+        return hidden, cpu_kernels.add_rms_norm_(hidden, residual, norm)
+    hidden = hidden + residual
+    return hidden, norm(hidden)
+
+
+def _rotated(qkv: torch.Tensor, sizes: list[int], head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+             fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The queries, keys and values ([tokens, heads, head_dim] each) of the q, k and v products side by side,
+    the queries and keys rotated (the rotary embedding)."""
+    n = qkv.shape[0]
+    if fused:  # the queries and keys are side by side: one pass over both
+        cpu_kernels.rotary_(qkv[:, :sizes[0] + sizes[1]].view(n, -1, head_dim), cos.view(n, -1), sin.view(n, -1))
+    q, k, v = (part.view(n, -1, head_dim) for part in qkv.split(sizes, -1))
+    if not fused:
+        half = head_dim // 2
+        q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
+        k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
+    return q, k, v

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from gpt_service.inference import attention_kernel
+from gpt_service.inference import cpu_kernels
 from gpt_service.inference.fast_decoder import FastDecoder
 from gpt_service.inference.paged import KVPool, PagedBatch
 from gpt_service.inference.sequence import Sequence
@@ -34,16 +34,16 @@ class PagedRunner:
 
     chunked = True  # feeds prompts in chunks; the pool keeps what a sequence computed
 
-    def __init__(self, decoder: FastDecoder, num_blocks: int, block_size: int, kernel: bool) -> None:
+    def __init__(self, decoder: FastDecoder, num_blocks: int, block_size: int, kernels: bool) -> None:
         self.decoder = decoder
         self.pool: KVPool = decoder.pool(num_blocks, block_size)
-        # decode attention through the C++ kernel (CPU only), else through gathered blocks
-        self.kernel = kernel and self.pool.keys[0].device.type == "cpu" and attention_kernel.available()
+        # the C++ operators where the pool is on the CPU, else PyTorch's
+        self.kernels = kernels and self.pool.keys[0].device.type == "cpu" and cpu_kernels.available()
 
     def execute(self, work: Work) -> tuple[list[Sequence], torch.Tensor]:
         """The sequences fed to their end this step, and their next-token logits (float32, [sequences, vocab])."""
         device = self.decoder.lm_head.weights[0].device
-        batch = PagedBatch.of(work, self.pool.block_size, device, self.kernel)
+        batch = PagedBatch.of(work, self.pool.block_size, device, self.kernels)
         return [seq for seq, n in work if seq.computed + n == len(seq.tokens)], self.decoder.forward(batch, self.pool)
 
     def release(self, seqs: list[Sequence]) -> None:

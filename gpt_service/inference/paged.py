@@ -5,7 +5,7 @@ new keys and values are written at their tokens' slots (block * block_size + off
 nothing else in the pool moves, so sequences join and leave without touching each other's memory.
 
 Attention reads each sequence's blocks through its block table. On CPU the decoding sequences (one new
-token each) attend through `attention_kernel`, which reads their blocks in place. Elsewhere, or where
+token each) attend through `cpu_kernels`, which reads their blocks in place. Elsewhere, or where
 it could not be built, they are gathered into padded batch views, [kv_heads, rows, longest context, head_dim], for
 two batched products per view: one view for rows of similar length, more where padding short rows
 to a long one would cost more than another view's operations (`_by_context`). The pool is laid out
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from gpt_service.inference import attention_kernel
+from gpt_service.inference import cpu_kernels
 from gpt_service.inference.sequence import Sequence
 
 
@@ -64,7 +64,7 @@ class DecodeGroup:
     tables: torch.Tensor  # [rows, most blocks]: their block tables, padded
     lengths: torch.Tensor  # [rows]: their context lengths
     mask: torch.Tensor | None  # [1, rows, 1, most blocks * block_size]: 0, or the lowest float past each context;
-    # None where the attention kernel reads the blocks in place (see `attention_kernel`)
+    # None where the attention kernel reads the blocks in place (see `cpu_kernels`)
 
 
 @dataclass
@@ -78,12 +78,13 @@ class PagedBatch:
     decodes: list[DecodeGroup]  # the tokens fed alone (decoding sequences)
     chunks: list[Chunk]
     last: torch.Tensor  # indices of the tokens whose logits are wanted (each sequence fed to its end)
+    kernels: bool  # the step runs the CPU kernels (`cpu_kernels`): decode attention, norms, rotary embedding
 
     @classmethod
     def of(cls, work: list[tuple[Sequence, int]], block_size: int, device: torch.device,
-           kernel: bool = False) -> PagedBatch:
-        """The step's batch; `kernel`: its decoding sequences attend through the attention kernel, in one
-        group (else in padded views, grouped by context length)."""
+           kernels: bool = False) -> PagedBatch:
+        """The step's batch; `kernels`: it runs the CPU kernels, its decoding sequences attending in one group
+        (else in padded views, grouped by context length)."""
         ids: list[int] = []
         positions: list[int] = []
         adapters: list[str] = []
@@ -106,10 +107,10 @@ class PagedBatch:
             if first + n == len(seq.tokens):
                 last.append(start + n - 1)
 
-        groups = ([singles] if singles else []) if kernel else _by_context(singles, block_size)
-        decodes = [_decode_group(group, block_size, device, masked=not kernel) for group in groups]
+        groups = ([singles] if singles else []) if kernels else _by_context(singles, block_size)
+        decodes = [_decode_group(group, block_size, device, masked=not kernels) for group in groups]
         return cls(_longs(ids, device), _longs(positions, device), adapters, _longs(slots, device), decodes, chunks,
-                   _longs(last, device))
+                   _longs(last, device), kernels)
 
 
 # One more decode group costs about as much as this many more padded tokens of context in a group: its
@@ -176,7 +177,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: Pag
     out = q.new_empty(tokens, heads, head_dim)
     for decode in batch.decodes:
         if decode.mask is None:
-            out[decode.rows] = attention_kernel.decode(q.index_select(0, decode.rows), keys, values, decode.tables,
+            out[decode.rows] = cpu_kernels.decode(q.index_select(0, decode.rows), keys, values, decode.tables,
                                                        decode.lengths, scaling)
             continue
         rows = decode.rows.numel()

@@ -30,7 +30,7 @@ def engine_options(settings: ServiceSettings) -> EngineOptions:
     gigabytes = settings.kv_cache_gb
     return EngineOptions(
         max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting_requests,
-        fast_paths=settings.fast_paths, attention_kernel=settings.attention_kernel,
+        fast_paths=settings.fast_paths, cpu_kernels=settings.cpu_kernels,
         kv_cache_bytes=None if gigabytes is None else int(gigabytes * (1 << 30)),
         block_size=settings.kv_block_size, max_batched_tokens=settings.max_batched_tokens,
         chunked_prefill=settings.chunked_prefill, prefix_caching=settings.prefix_caching)

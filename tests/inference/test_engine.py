@@ -88,13 +88,15 @@ def pool_bytes(tiny_model: Path, tokens: int) -> int:
     EngineOptions(),
     EngineOptions(block_size=4, max_batched_tokens=7),  # prompts in chunks of a few tokens, between decodes
     EngineOptions(chunked_prefill=False, prefix_caching=False),
+    EngineOptions(cpu_kernels=False),  # PyTorch's operators: decode attention over gathered blocks
     EngineOptions(fast_paths=False),  # the model's own forward over a contiguous cache
-], ids=["paged", "chunked", "whole-prompts", "contiguous"])
+], ids=["paged", "chunked", "whole-prompts", "paged-pytorch-ops", "contiguous"])
 def test_batched_answers_equal_generate_alone(engine_with: Maker, expected: list[str], options: EngineOptions) -> None:
     engine = engine_with(options)
     answers = generate(engine, greedy())
     assert [text for text, _ in answers] == expected
     assert engine.paged is options.fast_paths
+    assert getattr(engine._runner, "kernels", False) is (options.fast_paths and options.cpu_kernels)
     assert engine.stats().kv_blocks_free == engine.stats().kv_blocks  # every block given back
 
 

@@ -1,15 +1,19 @@
-"""Decode attention read straight from the block pool: a small C++ operator, built on first use.
+"""The engine's CPU operators in C++ (`csrc/cpu_kernels.cpp`), built on first use: decode attention read
+straight from the block pool, and Llama's RMSNorm and rotary embedding each in one pass.
 
-Without it, decoding rows attend through padded batch views gathered from the pool (`paged.attend`):
+Without them, decoding rows attend through padded batch views gathered from the pool (`paged.attend`):
 the gather writes every row's keys and values once more and the products read them again, three
 passes over the cache where one would do, with each row padded to its group's longest context.
 The operator reads each row's blocks in place through its block table, in float32, one (row, kv head)
 pair per task of PyTorch's own thread pool: what vLLM's CPU backend does with its C++ attention.
+The norm (with the residual add before it) and the rotary embedding replace eight and fourteen small
+operators a layer, each of which costs PyTorch's dispatch and a trip back to Python for the GIL: on
+two cores, at 16 to 64 rows, that overhead is a sizeable share of a decode step.
 
 PyTorch builds it with the machine's C++ compiler (`torch.utils.cpp_extension`, ninja) into its
 extensions cache, once per machine: about 15 s on two cores, then a load of the library. It is built
 for this CPU (`-march=native`), so the cache entry's name carries the CPU's model and flags. Where the
-build fails (no compiler, no ninja, no headers), a warning says why and decoding takes the gathered path.
+build fails (no compiler, no ninja, no headers), a warning says why and the engine takes PyTorch's operators.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 _build_lock = threading.Lock()  # two models loading at once build it once
 
 
@@ -38,7 +42,7 @@ def _cpu_identity() -> str:
 
 
 def available() -> bool:
-    """Whether the operator is loaded (`torch.ops.gpt_service_paged.decode`), building it first where needed."""
+    """Whether the operators are loaded (`torch.ops.gpt_service_cpu`), building them first where needed."""
     with _build_lock:
         return _build()
 
@@ -47,12 +51,12 @@ def available() -> bool:
 def _build() -> bool:
     from torch.utils import cpp_extension
 
-    name = "gpt_service_paged_" + hashlib.sha256(_cpu_identity().encode()).hexdigest()[:12]
+    name = "gpt_service_cpu_" + hashlib.sha256(_cpu_identity().encode()).hexdigest()[:12]
     try:
         cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as exc:  # any failure to build or load leaves the gathered path
-        log.warning("decode attention kernel not built (%s: %s); decoding attends through gathered blocks",
+        log.warning("CPU kernels not built (%s: %s); the engine runs PyTorch's operators instead",
                     type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
         return False
     return True
@@ -65,4 +69,20 @@ def decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: to
     q: [rows, heads, head_dim]; keys, values: one layer's pool, [kv_heads, blocks, block_size, head_dim];
     tables: [rows, most blocks] (padded past each row's blocks); lengths: [rows], the tokens each row attends to.
     """
-    return torch.ops.gpt_service_paged.decode(q, keys, values, tables, lengths, scaling)
+    return torch.ops.gpt_service_cpu.decode(q, keys, values, tables, lengths, scaling)
+
+
+def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """`norm(x)` for a Llama-style RMSNorm module (`weight`, `variance_epsilon`); x: [rows, width]."""
+    return torch.ops.gpt_service_cpu.rms_norm(x, norm.weight, norm.variance_epsilon)
+
+
+def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """Add `residual` to x in place, and return `norm(x)`."""
+    return torch.ops.gpt_service_cpu.add_rms_norm_(x, residual, norm.weight, norm.variance_epsilon)
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x ([tokens, heads, head_dim], heads contiguous) in place: x * cos + rotate_half(x) * sin, where
+    cos and sin ([tokens, head_dim]) are the model's rotary embedding at each token's position."""
+    torch.ops.gpt_service_cpu.rotary_(x, cos, sin)

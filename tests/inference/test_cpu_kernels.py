@@ -1,0 +1,74 @@
+"""The CPU kernels' norm and rotary embedding equal the models' own modules (Llama's; Qwen2 and Mistral share them)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from gpt_service.inference import cpu_kernels
+
+# bf16: one rounding of the result against the modules' two or three (2^-8 relative each)
+TOLERANCE = {torch.float32: {}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
+
+
+@pytest.fixture(autouse=True)
+def built() -> None:
+    assert cpu_kernels.available(), "the CPU kernels did not build: see the warning logged"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_and_the_residual_add_before_it_equal_the_models_norm(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    torch.nn.init.normal_(norm.weight)
+    hidden, residual = torch.randn(13, 96).to(dtype) * 3, torch.randn(13, 96).to(dtype)
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu_kernels.rms_norm(hidden, norm), norm(hidden), **TOLERANCE[dtype])
+        summed = hidden + residual
+        normed = cpu_kernels.add_rms_norm_(hidden, residual, norm)
+        torch.testing.assert_close(hidden, summed, rtol=0, atol=0)  # added in place, rounded as PyTorch rounds
+        torch.testing.assert_close(normed, norm(summed), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rotary_rotates_queries_and_keys_in_place_as_the_model_does(dtype: torch.dtype) -> None:
+    """The queries (4 heads) and keys (2) side by side in the q, k and v products' output, as the forward
+    rotates them, at scattered positions."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    rotary = LlamaRotaryEmbedding(config)
+    tokens, dim = 7, 32
+    qkv = torch.randn(tokens, (4 + 2 + 2) * dim).to(dtype)
+    positions = torch.tensor([0, 1, 5, 100, 101, 2047, 3000])
+    with torch.inference_mode():
+        cos, sin = rotary(qkv, positions[:, None])  # [tokens, 1, head_dim]
+        q, k = qkv[:, :4 * dim].view(tokens, 4, dim), qkv[:, 4 * dim:6 * dim].view(tokens, 2, dim)
+        expected_q, expected_k = apply_rotary_pos_emb(q, k, cos[:, 0], sin[:, 0], unsqueeze_dim=1)
+        values = qkv[:, 6 * dim:].clone()
+        cpu_kernels.rotary_(qkv[:, :6 * dim].view(tokens, 6, dim), cos.view(tokens, -1), sin.view(tokens, -1))
+    torch.testing.assert_close(qkv[:, :4 * dim].view(tokens, 4, dim), expected_q, **TOLERANCE[dtype])
+    torch.testing.assert_close(qkv[:, 4 * dim:6 * dim].view(tokens, 2, dim), expected_k, **TOLERANCE[dtype])
+    assert torch.equal(qkv[:, 6 * dim:], values)  # the values are not touched
+
+
+def test_kernels_that_do_not_build_leave_pytorchs_operators(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A source the compiler rejects (as a machine without a compiler or headers would fail): a warning that says
+    so, and `available()` false, so that the runner takes PyTorch's operators."""
+    broken = tmp_path / "cpu_kernels.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+    monkeypatch.setattr(cpu_kernels, "_cpu_identity", lambda: "a test's broken build")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    cpu_kernels._build.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+            assert not cpu_kernels.available()
+    finally:
+        cpu_kernels._build.cache_clear()
+    assert "CPU kernels not built" in caplog.text
