@@ -18,9 +18,12 @@ build fails (no compiler, no ninja, no headers), a warning says why and the engi
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
+import os
+import sys
 import threading
 from pathlib import Path
 
@@ -29,6 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # for this CPU; exp vectorized; PyTorch's OpenMP
 _build_lock = threading.Lock()  # two models loading at once build it once
 
 
@@ -47,15 +51,31 @@ def available() -> bool:
         return _build()
 
 
+def build_folder() -> Path:
+    """Where the operators are built: PyTorch's extensions folder, under a name for this CPU, torch and Python."""
+    from torch.utils import cpp_extension
+
+    identity = "\n".join((_cpu_identity(), torch.__version__, sys.version))
+    name = "gpt_service_cpu_" + hashlib.sha256(identity.encode()).hexdigest()[:12]
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+
+
 @functools.cache
 def _build() -> bool:
     from torch.utils import cpp_extension
 
-    name = "gpt_service_cpu_" + hashlib.sha256(_cpu_identity().encode()).hexdigest()[:12]
+    folder = build_folder()
     try:
-        cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], is_python_module=False)
-    except Exception as exc:  # any failure to build or load leaves the gathered path
+        folder.mkdir(parents=True, exist_ok=True)
+        # PyTorch's own lock is a file that a builder killed midway leaves behind, and every later build
+        # waits on it forever. Ours is an flock, which dies with its process: whoever holds it is the only
+        # builder, so a `lock` file found under it is such a leftover.
+        with (folder / "builder.flock").open("w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (folder / "lock").unlink(missing_ok=True)
+            cpp_extension.load(folder.name, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                               build_directory=str(folder), is_python_module=False)
+    except Exception as exc:  # any failure to build or load leaves PyTorch's operators
         log.warning("CPU kernels not built (%s: %s); the engine runs PyTorch's operators instead",
                     type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
         return False

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +75,24 @@ def test_kernels_that_do_not_build_leave_pytorchs_operators(monkeypatch: pytest.
     finally:
         cpu_kernels._build.cache_clear()
     assert "CPU kernels not built" in caplog.text
+
+
+BUILD = "from gpt_service.inference import cpu_kernels; raise SystemExit(0 if cpu_kernels.available() else 1)"
+
+
+@pytest.mark.slow
+def test_a_builder_killed_midway_does_not_stop_the_next_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A process killed while it builds (a server stopped during its first load) leaves PyTorch's lock file; the
+    next build (in a process of its own: one process loads the operators once) must not wait on it forever."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    builder = subprocess.Popen([sys.executable, "-c", BUILD])
+    lock = cpu_kernels.build_folder() / "lock"
+    deadline = time.monotonic() + 120
+    while not lock.exists() and builder.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lock.exists(), "the builder did not start building"
+    builder.kill()
+    builder.wait()
+    assert lock.exists()  # left behind
+    assert subprocess.run([sys.executable, "-c", BUILD], timeout=600).returncode == 0
+    assert not lock.exists()
