@@ -296,7 +296,7 @@ def _rotated(qkv: torch.Tensor, sizes: list[int], head_dim: int, cos: torch.Tens
     the queries and keys rotated (the rotary embedding)."""
     n = qkv.shape[0]
     if fused:  # the queries and keys are side by side: one pass over both
-        cpu_kernels.rotary_(qkv[:, :sizes[0] + sizes[1]].view(n, -1, head_dim), cos.view(n, -1), sin.view(n, -1))
+        cpu_kernels.rotary_(qkv[:, :sizes[0] + sizes[1]].view(n, -1, head_dim), cos.reshape(n, -1), sin.reshape(n, -1))
     q, k, v = (part.view(n, -1, head_dim) for part in qkv.split(sizes, -1))
     if not fused:
         half = head_dim // 2
