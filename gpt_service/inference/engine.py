@@ -102,7 +102,6 @@ class BatchEngine:
         self._wake = threading.Condition()  # guards the scheduler's queue and running list
         self._runner: PagedRunner | ContiguousRunner | None = None
         self._runner_key: tuple[Any, ...] | None = None
-        self._threads: ThreadTuner | None = None  # made on the engine's own thread
         self._closing = False
         if options.fast_paths and options.cpu_kernels and next(model_ref().parameters()).device.type == "cpu":
             cpu_kernels.available()  # built (once per machine) at load, not in the first request's step
@@ -154,7 +153,7 @@ class BatchEngine:
     # -- the loop ------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        self._threads = ThreadTuner()
+        tuner = ThreadTuner()
         scheduler = self.scheduler
         while True:
             with self._wake:
@@ -165,7 +164,7 @@ class BatchEngine:
                     return
             try:
                 with self.model_lock, torch.inference_mode():
-                    self._step()
+                    self._step(tuner)
             except Exception as exc:  # a failed step ends its requests, never the engine
                 log.exception("generation step failed")
                 with self._wake:
@@ -174,7 +173,7 @@ class BatchEngine:
                         scheduler.finish(seq)
                 self._runner = self._runner_key = None
 
-    def _step(self) -> None:
+    def _step(self, tuner: ThreadTuner) -> None:
         runner = self._current_runner()
         with self._wake:
             step = self.scheduler.schedule()
@@ -184,12 +183,13 @@ class BatchEngine:
         runner.release(step.preempted + step.rejected)
         if not step.work:
             return
-        tuner = self._threads if step.decode_only else None
-        if tuner is not None:
+        if step.decode_only:
             tuner.before_decode(len(step.work))
+        else:
+            tuner.before_prefill(len(step.work))
         began = time.perf_counter()
         seqs, logits = runner.execute(step.work)
-        if tuner is not None:
+        if step.decode_only:
             tuner.after_decode(time.perf_counter() - began)
         with self._wake:
             self.scheduler.advanced(step)
