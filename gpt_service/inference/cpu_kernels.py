@@ -8,7 +8,9 @@ The operator reads each row's blocks in place through its block table, in float3
 pair per task of PyTorch's own thread pool: what vLLM's CPU backend does with its C++ attention.
 The norm (with the residual add before it) and the rotary embedding replace eight and fourteen small
 operators a layer, each of which costs PyTorch's dispatch and a trip back to Python for the GIL: on
-two cores, at 16 to 64 rows, that overhead is a sizeable share of a decode step.
+two cores, at 16 to 64 rows, that overhead is a sizeable share of a decode step. `decode_layers` runs
+every layer of a decode step in one call: no return to Python between operators, so the HTTP event loop,
+which holds the GIL while it streams the last step's tokens, no longer stalls the step at each operator.
 
 PyTorch builds it with the machine's C++ compiler (`torch.utils.cpp_extension`, ninja) into its
 extensions cache, once per machine: about 15 s on two cores, then a load of the library. It is built
@@ -106,3 +108,19 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate x ([tokens, heads, head_dim], heads contiguous) in place: x * cos + rotate_half(x) * sin, where
     cos and sin ([tokens, head_dim]) are the model's rotary embedding at each token's position."""
     torch.ops.gpt_service_cpu.rotary_(x, cos, sin)
+
+
+def decode_layers(hidden: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                  norms: list[torch.Tensor], eps: list[float], cos: torch.Tensor, sin: torch.Tensor,
+                  keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor, tables: torch.Tensor,
+                  lengths: torch.Tensor, scaling: float, heads: int, kv_heads: int) -> torch.Tensor:
+    """Every decoder layer of a step that feeds one token per row, none with an adapter; `hidden` (the rows'
+    embeddings, [rows, width]) is updated in place and returned.
+
+    weights, biases: per layer, the q/k/v, o, gate/up and down products (weights laid out by oneDNN's
+    `_reorder_linear_weight`, the members of each side by side); norms, eps: per layer, the input and
+    post-attention RMSNorm; keys, values: the pool's layers; slots, tables, lengths: as `decode` and
+    `KVPool.write` take them. The MLP's activation is SiLU.
+    """
+    return torch.ops.gpt_service_cpu.decode_layers(hidden, weights, biases, norms, eps, cos, sin, keys, values, slots,
+                                                   tables, lengths, scaling, heads, kv_heads)

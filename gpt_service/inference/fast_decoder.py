@@ -182,6 +182,18 @@ class FastDecoder:
             except (RuntimeError, AttributeError):  # a torch without these oneDNN ops: plain products
                 for group in groups:
                     group.packed = group.packed_bias = None
+        self.in_one_call = self._in_one_call(lm.config)
+
+    def _in_one_call(self, config: Any) -> tuple[list[Any], list[Any], list[torch.Tensor], list[float]] | None:
+        """The operands of `cpu_kernels.decode_layers` (every layer's products, biases, norms and epsilons),
+        or None where it cannot run this model: products not laid out for oneDNN, or another activation."""
+        groups = [g for _, *layer_groups in self.layers for g in layer_groups]
+        if any(g.packed is None for g in groups) or getattr(config, "hidden_act", None) not in ("silu", "swish") or \
+                len({layer.self_attn.scaling for layer, *_ in self.layers}) != 1:
+            return None
+        norms = [n for layer, *_ in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        return ([g.packed for g in groups], [g.packed_bias for g in groups], [n.weight for n in norms],
+                [float(n.variance_epsilon) for n in norms])
 
     def groups(self) -> list[Group]:
         return [self.lm_head] + [g for _, *layer_groups in self.layers for g in layer_groups]
@@ -261,6 +273,20 @@ class FastDecoder:
         rows = AdapterRows.of([self.adapter_index.get(a, 0) for a in batch.adapters], ids.device)
         hidden = self.embed(ids)  # [tokens, hidden]
         cos, sin = self.rotary(hidden, positions[:, None])  # [tokens, 1, head_dim], broadcast over heads
+        if fused and rows is None and not batch.chunks and self.in_one_call is not None:
+            (decode,) = batch.decodes  # with the kernels, the decoding rows attend in one group
+            attn, qkv = self.layers[0][0].self_attn, self.layers[0][1]
+            hidden = cpu_kernels.decode_layers(
+                hidden, *self.in_one_call, cos, sin, pool.keys, pool.values, batch.slots, decode.tables,
+                decode.lengths, attn.scaling, qkv.sizes[0] // attn.head_dim, qkv.sizes[1] // attn.head_dim)
+        else:
+            hidden = self._layers(hidden, cos, sin, rows, batch, pool)
+        return self.lm_head(_norm(hidden.index_select(0, batch.last), self.norm, fused), None).float().cpu()
+
+    def _layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: AdapterRows | None,
+                batch: PagedBatch, pool: KVPool) -> torch.Tensor:
+        """The decoder layers, operator by operator: `hidden` after the last one."""
+        fused = batch.kernels
         x = _norm(hidden, self.layers[0][0].input_layernorm, fused)
         for i, (layer, qkv, o_proj, gate_up, down) in enumerate(self.layers):
             attn = layer.self_attn
@@ -274,7 +300,7 @@ class FastDecoder:
                 hidden, x = _add_norm(hidden, mlp, self.layers[i + 1][0].input_layernorm, fused)
             else:
                 hidden = hidden + mlp
-        return self.lm_head(_norm(hidden.index_select(0, batch.last), self.norm, fused), None).float().cpu()
+        return hidden
 
 
 def _norm(x: torch.Tensor, norm: torch.nn.Module, fused: bool) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The CPU kernels' norm and rotary embedding equal the models' own modules (Llama's; Qwen2 and Mistral share them)."""
+"""The CPU kernels' norm and rotary embedding equal the models' own modules (Llama's; Qwen2 and Mistral share them),
+and a decode step's layers in one call equal them operator by operator, for each family the fast decoder serves."""
 
 from __future__ import annotations
 
@@ -10,10 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from gpt_service.inference import cpu_kernels
+from gpt_service.inference.fast_decoder import FastDecoder
+from gpt_service.inference.kv_cache import BlockTable
+from gpt_service.inference.paged import PagedBatch
+from gpt_service.inference.sampling import SamplingParams
+from gpt_service.inference.sequence import GenerationRequest, Sequence
+from tests.families.models import build
 
 # bf16: one rounding of the result against the modules' two or three (2^-8 relative each)
 TOLERANCE = {torch.float32: {}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
@@ -57,6 +64,41 @@ def test_rotary_rotates_queries_and_keys_in_place_as_the_model_does(dtype: torch
     torch.testing.assert_close(qkv[:, :4 * dim].view(tokens, 4, dim), expected_q, **TOLERANCE[dtype])
     torch.testing.assert_close(qkv[:, 4 * dim:6 * dim].view(tokens, 2, dim), expected_k, **TOLERANCE[dtype])
     assert torch.equal(qkv[:, 6 * dim:], values)  # the values are not touched
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_a_decode_steps_layers_in_one_call_equal_them_operator_by_operator(family: str, tmp_path: Path) -> None:
+    """The same logits and the same keys and values in the pool, bit for bit (bf16, where the products are laid out
+    for oneDNN): 1, 5 and 16 rows of 3 to 70 tokens, their blocks scattered over the pool. Qwen2 has q, k and v
+    biases and tied embeddings."""
+    model = AutoModelForCausalLM.from_pretrained(build(family, tmp_path / family), dtype=torch.bfloat16).eval()
+    decoder = FastDecoder(model)
+    assert decoder.in_one_call is not None
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 5, 16):
+        lengths = torch.randint(3, 70, (rows,), generator=generator).tolist()
+        blocks = torch.randperm(400, generator=generator).tolist()
+        work = []
+        for length in lengths:
+            seq = Sequence(GenerationRequest(torch.randint(0, 500, (length,), generator=generator).tolist(),
+                                             SamplingParams(), None, lambda e: None), tokenizer=None)
+            seq.computed, seq.table = length - 1, BlockTable([blocks.pop() for _ in range(-(-length // 4))])
+            work.append((seq, 1))
+        results = []
+        for one_call in (decoder.in_one_call, None):
+            pool = decoder.pool(400, 4)
+            filler = torch.Generator().manual_seed(rows)  # the earlier tokens' keys and values, the same for both
+            for keys, values in zip(pool.keys, pool.values, strict=True):
+                keys.normal_(generator=filler)
+                values.normal_(generator=filler)
+            decoder.in_one_call = one_call
+            with torch.inference_mode():
+                logits = decoder.forward(PagedBatch.of(work, 4, torch.device("cpu"), kernels=True), pool)
+            results.append((logits, pool))
+        (fused, fused_pool), (stepwise, stepwise_pool) = results
+        assert torch.equal(fused, stepwise), rows
+        assert all(torch.equal(a, b) for a, b in zip(fused_pool.keys + fused_pool.values,
+                                                      stepwise_pool.keys + stepwise_pool.values, strict=True))
 
 
 def test_kernels_that_do_not_build_leave_pytorchs_operators(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

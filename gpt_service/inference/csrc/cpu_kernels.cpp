@@ -8,11 +8,15 @@
 // rms_norm, add_rms_norm_: Llama's RMSNorm (x * rsqrt(mean(x^2) + eps) in float32, rounded, times the weight),
 //   the second after adding a residual in place: one pass over the rows instead of eight operators.
 // rotary_: the rotary embedding of the query and key heads in place (x * cos + rotate_half(x) * sin).
+// decode_layers: every decoder layer of a decode step (one token per row, no adapter) in one call, with the
+//   operators above, oneDNN's products over the weights laid out for it, and the keys and values stored at
+//   their slots: FastDecoder.forward's loop without a return to Python, and so to the GIL, between operators.
 //
 // Each is the maths of the models' own eager code in float32, rounded once to the tensors' dtype.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -203,6 +207,64 @@ at::Tensor& rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin)
   return x;
 }
 
+// Store each token's keys (or values), [tokens, kv_heads, dim] with contiguous heads, at its slot of one layer's
+// pool, [kv_heads, blocks * block_size, dim].
+void store(const at::Tensor& rows, at::Tensor& pool, const int64_t* slots) {
+  const int64_t tokens = rows.size(0), kv_heads = rows.size(1), bytes = rows.size(2) * rows.element_size();
+  const int64_t pool_tokens = pool.size(1) * pool.size(2);
+  const char* src = static_cast<const char*>(rows.data_ptr());
+  char* dst = static_cast<char*>(pool.data_ptr());
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t h = 0; h < kv_heads; ++h)
+      std::memcpy(dst + (h * pool_tokens + slots[t]) * bytes, src + (t * rows.stride(0) + h * rows.stride(1)) *
+                  rows.element_size(), bytes);
+}
+
+// x times a weight laid out by torch.ops.mkldnn._reorder_linear_weight, plus the bias: oneDNN's product.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, weight, bias, "none", c10::List<c10::optional<at::Scalar>>(), c10::IValue()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// weights and biases: per layer, the q/k/v, o, gate/up and down products; norms and eps: per layer, the input and
+// post-attention norms. Returns `hidden` (the embeddings, [rows, width]) updated in place by every layer.
+at::Tensor decode_layers(at::Tensor hidden, at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& biases,
+                         at::TensorList norms, at::ArrayRef<double> eps, const at::Tensor& cos, const at::Tensor& sin,
+                         at::TensorList keys, at::TensorList values, const at::Tensor& slots, const at::Tensor& tables,
+                         const at::Tensor& lengths, double scaling, int64_t heads, int64_t kv_heads) {
+  const int64_t layers = keys.size(), rows = hidden.size(0), dim = keys[0].size(3);
+  TORCH_CHECK(weights.size() == 4 * layers && biases.size() == 4 * layers && norms.size() == 2 * layers &&
+              eps.size() == 2 * layers && values.size() == layers, "four products and two norms a layer");
+  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous() && slots.scalar_type() == at::kLong &&
+              slots.is_contiguous() && slots.numel() == rows, "hidden [rows, width], a slot per row");
+  const auto c = cos.reshape({rows, -1}), s = sin.reshape({rows, -1});
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  at::Tensor x = norm(hidden, c10::nullopt, norms[0], eps[0]);
+  for (int64_t i = 0; i < layers; ++i) {
+    at::Tensor qkv = packed_linear(x, weights[4 * i], biases.get(4 * i));
+    at::Tensor rotated = qkv.narrow(1, 0, (heads + kv_heads) * dim).view({rows, heads + kv_heads, dim});
+    rotary_(rotated, c, s);
+    at::Tensor pool_keys = keys[i], pool_values = values[i];
+    store(qkv.narrow(1, heads * dim, kv_heads * dim).view({rows, kv_heads, dim}), pool_keys, slot);
+    store(qkv.narrow(1, (heads + kv_heads) * dim, kv_heads * dim).view({rows, kv_heads, dim}), pool_values, slot);
+    at::Tensor q = qkv.narrow(1, 0, heads * dim).view({rows, heads, dim});
+    at::Tensor attended = paged_decode(q, pool_keys, pool_values, tables, lengths, scaling).view({rows, -1});
+    x = norm(hidden, packed_linear(attended, weights[4 * i + 1], biases.get(4 * i + 1)), norms[2 * i + 1], eps[2 * i + 1]);
+    at::Tensor gate_up = packed_linear(x, weights[4 * i + 2], biases.get(4 * i + 2));
+    const int64_t half = gate_up.size(1) / 2;
+    at::Tensor mlp = packed_linear(at::silu(gate_up.narrow(1, 0, half)) * gate_up.narrow(1, half, half), weights[4 * i + 3],
+                            biases.get(4 * i + 3));
+    if (i + 1 < layers) {
+      x = norm(hidden, mlp, norms[2 * i + 2], eps[2 * i + 2]);
+    } else {
+      hidden.add_(mlp);
+    }
+  }
+  return hidden;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gpt_service_cpu, m) {
@@ -213,5 +275,9 @@ TORCH_LIBRARY(gpt_service_cpu, m) {
   m.impl("decode", c10::DispatchKey::CPU, TORCH_FN(paged_decode));
   m.impl("rms_norm", c10::DispatchKey::CPU, TORCH_FN(rms_norm));
   m.impl("add_rms_norm_", c10::DispatchKey::CPU, TORCH_FN(add_rms_norm_));
+  m.def("decode_layers(Tensor(a!) hidden, Tensor[] weights, Tensor?[] biases, Tensor[] norms, float[] eps, Tensor cos, "
+        "Tensor sin, Tensor(b!)[] keys, Tensor(c!)[] values, Tensor slots, Tensor tables, Tensor lengths, float scaling, "
+        "int heads, int kv_heads) -> Tensor(a!)");
   m.impl("rotary_", c10::DispatchKey::CPU, TORCH_FN(rotary_));
+  m.impl("decode_layers", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(decode_layers));  // its weights are MkldnnCPU
 }
