@@ -57,7 +57,7 @@ class ThreadTuner:
         size_class = rows.bit_length()
         choice = self._choices.get(size_class)
         if choice is None:
-            choice = self._choices[size_class] = _Choice(1 if self.tuning else self.most, self.base_period)
+            choice = self._choices[size_class] = _Choice(self.most, self.base_period)  # until a trial says otherwise
         return choice
 
     def before_prefill(self, rows: int) -> None:
