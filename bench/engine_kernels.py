@@ -1,8 +1,10 @@
-"""The serving engine alone (no HTTP), with its CPU kernels and with PyTorch's operators in their place.
+"""The serving engine alone (no HTTP): its CPU kernels with a decode step's layers in one call, the same
+kernels called layer by layer from Python, and PyTorch's operators in their place.
 
-What `GPT_SERVICE_CPU_KERNELS` buys, without the HTTP server and its clients on the same cores: the
-model, prompts and greedy 128-token completions of `serve_throughput.py`, all requests of a level
-submitted at once, both variants alternated `--rounds` times (these machines are noisy), in bf16.
+What `GPT_SERVICE_CPU_KERNELS` and `cpu_kernels.decode_layers` buy, without the HTTP server and its
+clients on the same cores: the model, prompts and greedy 128-token completions of
+`serve_throughput.py`, all requests of a level submitted at once, the variants alternated `--rounds`
+times (these machines are noisy), in bf16.
 
     .venv/bin/python bench/engine_kernels.py --rounds 3
 """
@@ -54,23 +56,28 @@ def main() -> None:
     args = parser.parse_args()
     levels = {"16 requests": make_prompts(16, args.seed), "64 requests": make_prompts(64, args.seed),
               "mixed workload, 16": make_mixed_prompts(16, args.seed)}
-    results: dict[tuple[str, bool], list[float]] = {}
+    variants = ("kernels, layers in one call", "kernels, layer by layer", "PyTorch's operators")
+    results: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as root:
         model = build_workspace(Path(root), args.seed) / "models" / "bench-model"
         for _ in range(args.rounds):
-            for kernels in (True, False):
-                registry = ModelRegistry(EngineOptions(cpu_kernels=kernels))
+            for variant in variants:
+                registry = ModelRegistry(EngineOptions(cpu_kernels=variant != variants[2]))
                 engine = registry.load("bench", str(model), None, "bfloat16").base.engine
-                tokens_per_second(engine, make_prompts(16, args.seed + 1))  # warm-up
+                tokens_per_second(engine, make_prompts(16, args.seed + 1))  # warm-up; the runner is made
+                if variant == variants[1]:
+                    engine._runner.decoder.in_one_call = None  # type: ignore[union-attr]
                 for level, prompts in levels.items():
-                    results.setdefault((level, kernels), []).append(tokens_per_second(engine, prompts))
+                    results.setdefault((level, variant), []).append(tokens_per_second(engine, prompts))
                 registry.close()
-    print("| level | CPU kernels (tokens/s) | PyTorch's operators (tokens/s) | ratio of medians |")
-    print("| --- | ---: | ---: | ---: |")
+    print(f"| level | {' | '.join(f'{v} (tokens/s)' for v in variants)} | one call / layer by layer "
+          "| one call / PyTorch's operators |")
+    print("| --- |" + " ---: |" * (len(variants) + 2))
     for level in levels:
-        on, off = results[level, True], results[level, False]
-        shown = [", ".join(f"{v:,.0f}" for v in values) for values in (on, off)]
-        print(f"| {level} | {shown[0]} | {shown[1]} | {statistics.median(on) / statistics.median(off):.2f}x |")
+        runs = [results[level, variant] for variant in variants]
+        medians = [statistics.median(values) for values in runs]
+        shown = " | ".join(", ".join(f"{v:,.0f}" for v in values) for values in runs)
+        print(f"| {level} | {shown} | {medians[0] / medians[1]:.2f}x | {medians[0] / medians[2]:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 import torch
 
 log = logging.getLogger(__name__)
+# The process's thread count before any tuner set it: a tuner made later (another model loaded) must not take
+# the one thread an earlier engine's trial left behind for all there are.
+CORES = torch.get_num_threads()
 
 
 @dataclass
@@ -44,7 +47,7 @@ class ThreadTuner:
 
     def __init__(self, most: int | None = None, period: int = 256, pairs: int = 5, tolerance: float = 1.15,
                  much_slower: float = 3.0) -> None:
-        self.most = most or torch.get_num_threads()
+        self.most = most or CORES
         self.tuning = self.most > 1 and not os.environ.get("OMP_NUM_THREADS")
         self.base_period, self.pairs, self.tolerance, self.much_slower = period, pairs, tolerance, much_slower
         self._choices: dict[int, _Choice] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpt_service.inference import threads
 from gpt_service.inference.threads import ThreadTuner
 
 
@@ -63,12 +64,18 @@ def test_each_size_of_batch_has_its_own_choice() -> None:
     trial(tuner, one=0.020, many=0.012, rows=16)
     assert tuner.choice(1).current == 1 and tuner.choice(16).current == 2
     assert tuner.choice(31) is tuner.choice(16) and tuner.choice(32) is not tuner.choice(16)
-    for rows, threads in ((16, 2), (1, 1), (20, 2)):
+    for rows, count in ((16, 2), (1, 1), (20, 2)):
         tuner.before_decode(rows)
-        assert torch.get_num_threads() == threads
+        assert torch.get_num_threads() == count
         tuner.after_decode(0.01)
     tuner.before_prefill(16)  # a step with prompt tokens takes the choice of its size, untimed
     assert torch.get_num_threads() == 2
+
+
+def test_a_tuner_made_later_is_not_held_to_the_one_thread_an_earlier_one_left() -> None:
+    """A second engine (another model loaded) after the first one's one-thread step: it still tunes over all cores."""
+    torch.set_num_threads(1)
+    assert ThreadTuner().most == threads.CORES  # the process's count at import (2 on the CI's machines)
 
 
 def test_a_set_thread_count_is_not_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
