@@ -212,12 +212,16 @@ at::Tensor& rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin)
 void store(const at::Tensor& rows, at::Tensor& pool, const int64_t* slots) {
   const int64_t tokens = rows.size(0), kv_heads = rows.size(1), bytes = rows.size(2) * rows.element_size();
   const int64_t pool_tokens = pool.size(1) * pool.size(2);
+  TORCH_CHECK(pool.is_contiguous() && pool.scalar_type() == rows.scalar_type() && pool.size(3) == rows.size(2),
+              "a contiguous pool of the keys' dtype and head size");
   const char* src = static_cast<const char*>(rows.data_ptr());
   char* dst = static_cast<char*>(pool.data_ptr());
-  for (int64_t t = 0; t < tokens; ++t)
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < pool_tokens, "slot ", slots[t], " is outside the pool's ", pool_tokens);
     for (int64_t h = 0; h < kv_heads; ++h)
       std::memcpy(dst + (h * pool_tokens + slots[t]) * bytes, src + (t * rows.stride(0) + h * rows.stride(1)) *
                   rows.element_size(), bytes);
+  }
 }
 
 // x times a weight laid out by torch.ops.mkldnn._reorder_linear_weight, plus the bias: oneDNN's product.
