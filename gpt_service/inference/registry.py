@@ -175,8 +175,15 @@ class ModelRegistry:
                 threading.Thread(target=self._retire_adapter, args=(base, served.adapter), daemon=True).start()
 
     def close(self) -> None:
-        for name in list(self._names):
-            self.unload(name)
+        """Unload every model and wait for the engines to finish what runs: at shutdown no thread may still
+        be at work on a model while the interpreter exits (a daemon thread freeing tensors then aborts the
+        process: "terminate called without an active exception")."""
+        with self._lock:
+            bases = list(self._bases.values())
+            self._names.clear()
+            self._bases.clear()
+        for base in bases:
+            base.engine.close()
 
     def _load_base(self, model_path: str, dtype: torch.dtype, quantization: QuantizationSettings | None) -> BaseModel:
         device = default_device()

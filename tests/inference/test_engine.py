@@ -142,3 +142,18 @@ def test_a_request_larger_than_the_pool_is_refused_alone(engine_with: Maker, exp
             assert final.finish_reason == "error" and "KV cache" in (final.error or "")
         else:
             assert text == expected[i]
+
+
+def test_closing_the_registry_waits_for_its_engines(tiny_model: Path) -> None:
+    """At shutdown no engine thread may still be at work while the interpreter exits (a daemon thread freeing
+    tensors then aborts the process); what runs at the close still gets its whole answer."""
+    registry = ModelRegistry(EngineOptions())
+    engine = registry.load("tiny", str(tiny_model), None, "float32").base.engine
+    finals: list[Event] = []
+    engine.submit(GenerationRequest(engine.tokenizer(PROMPTS[1]).input_ids,
+                                    SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), None,
+                                    lambda event: finals.append(event) if event.finish_reason else None))
+    registry.close()
+    assert not engine.alive
+    assert [event.finish_reason for event in finals] in (["stop"], ["length"])
+    assert registry.list() == []
