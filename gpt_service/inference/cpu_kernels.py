@@ -113,14 +113,20 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 def decode_layers(hidden: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
                   norms: list[torch.Tensor], eps: list[float], cos: torch.Tensor, sin: torch.Tensor,
                   keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor, tables: torch.Tensor,
-                  lengths: torch.Tensor, scaling: float, heads: int, kv_heads: int) -> torch.Tensor:
-    """Every decoder layer of a step that feeds one token per row, none with an adapter; `hidden` (the rows'
-    embeddings, [rows, width]) is updated in place and returned.
+                  lengths: torch.Tensor, scaling: float, heads: int, kv_heads: int,
+                  lora_a: list[torch.Tensor | None], lora_b: list[torch.Tensor | None],
+                  lora_scaling: list[torch.Tensor | None], lora_gather: torch.Tensor | None,
+                  lora_slots: torch.Tensor | None, lora_rows: torch.Tensor | None, lora_width: int) -> torch.Tensor:
+    """Every decoder layer of a step that feeds one token per row; `hidden` (the rows' embeddings, [rows, width])
+    is updated in place and returned.
 
     weights, biases: per layer, the q/k/v, o, gate/up and down products (weights laid out by oneDNN's
     `_reorder_linear_weight`, the members of each side by side); norms, eps: per layer, the input and
     post-attention RMSNorm; keys, values: the pool's layers; slots, tables, lengths: as `decode` and
-    `KVPool.write` take them. The MLP's activation is SiLU.
+    `KVPool.write` take them. The MLP's activation is SiLU. lora_*: per product, the stacks of the adapters
+    the rows use (`Group.stacks`), and the rows' `AdapterRows` (gather, slots, rows, width), as `Group`
+    applies them; None where no row has an adapter.
     """
     return torch.ops.gpt_service_cpu.decode_layers(hidden, weights, biases, norms, eps, cos, sin, keys, values, slots,
-                                                   tables, lengths, scaling, heads, kv_heads)
+                                                   tables, lengths, scaling, heads, kv_heads, lora_a, lora_b,
+                                                   lora_scaling, lora_gather, lora_slots, lora_rows, lora_width)

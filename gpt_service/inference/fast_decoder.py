@@ -117,6 +117,20 @@ class Group:
             self.packed_bias = torch.cat([b.detach() if b is not None else torch.zeros(
                 size, dtype=weight.dtype) for b, size in zip(self.biases, self.sizes, strict=True)])
 
+    def stacks(self, adapters: AdapterRows | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The LoRA A, B and scaling stacks of the adapters these rows use (None: no LoRA here, or no adapter
+        used); kept for the last few sets of adapters."""
+        if adapters is None or self.lora is None:
+            return None
+        stacks = self._subsets.get(adapters.present)
+        if stacks is None:
+            keep = torch.tensor(adapters.present, device=self.lora[0].device)
+            stacks = tuple(t[keep] for t in self.lora)  # type: ignore[assignment]
+            if len(self._subsets) >= 8:
+                self._subsets.clear()
+            self._subsets[adapters.present] = stacks  # type: ignore[assignment]
+        return stacks
+
     def __call__(self, x: torch.Tensor, adapters: AdapterRows | None) -> torch.Tensor:
         """The members' outputs side by side: [rows, sum of their sizes]."""
         if self.packed is not None:
@@ -126,15 +140,10 @@ class Group:
         else:
             out = torch.cat([torch.nn.functional.linear(x, w, b) for w, b in zip(self.weights, self.biases,
                                                                                    strict=True)], -1)
-        if adapters is None or self.lora is None:
-            return out
-        stacks = self._subsets.get(adapters.present)
+        stacks = self.stacks(adapters)
         if stacks is None:
-            keep = torch.tensor(adapters.present, device=self.lora[0].device)
-            stacks = tuple(t[keep] for t in self.lora)  # type: ignore[assignment]
-            if len(self._subsets) >= 8:
-                self._subsets.clear()
-            self._subsets[adapters.present] = stacks  # type: ignore[assignment]
+            return out
+        assert adapters is not None
         a, b, scaling = stacks
         rows = x.index_select(0, adapters.gather).to(a.dtype).view(len(adapters.present), adapters.width, -1)
         delta = torch.bmm(torch.bmm(rows, a) * scaling, b).view(-1, out.shape[1])
@@ -273,12 +282,15 @@ class FastDecoder:
         rows = AdapterRows.of([self.adapter_index.get(a, 0) for a in batch.adapters], ids.device)
         hidden = self.embed(ids)  # [tokens, hidden]
         cos, sin = self.rotary(hidden, positions[:, None])  # [tokens, 1, head_dim], broadcast over heads
-        if fused and rows is None and not batch.chunks and self.in_one_call is not None:
+        if fused and not batch.chunks and self.in_one_call is not None:
             (decode,) = batch.decodes  # with the kernels, the decoding rows attend in one group
             attn, qkv = self.layers[0][0].self_attn, self.layers[0][1]
+            stacks = [g.stacks(rows) for _, *layer_groups in self.layers for g in layer_groups]
+            lora = (*([None if s is None else s[i] for s in stacks] for i in range(3)),
+                    *((rows.gather, rows.slots, rows.rows, rows.width) if rows else (None, None, None, 0)))
             hidden = cpu_kernels.decode_layers(
                 hidden, *self.in_one_call, cos, sin, pool.keys, pool.values, batch.slots, decode.tables,
-                decode.lengths, attn.scaling, qkv.sizes[0] // attn.head_dim, qkv.sizes[1] // attn.head_dim)
+                decode.lengths, attn.scaling, qkv.sizes[0] // attn.head_dim, qkv.sizes[1] // attn.head_dim, *lora)
         else:
             hidden = self._layers(hidden, cos, sin, rows, batch, pool)
         return self.lm_head(_norm(hidden.index_select(0, batch.last), self.norm, fused), None).float().cpu()

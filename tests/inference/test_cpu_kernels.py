@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -66,26 +67,38 @@ def test_rotary_rotates_queries_and_keys_in_place_as_the_model_does(dtype: torch
     assert torch.equal(qkv[:, 6 * dim:], values)  # the values are not touched
 
 
+@pytest.mark.parametrize("adapters", [(), ("one", "two")], ids=["base", "two-adapters"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_a_decode_steps_layers_in_one_call_equal_them_operator_by_operator(family: str, tmp_path: Path) -> None:
+def test_a_decode_steps_layers_in_one_call_equal_them_operator_by_operator(family: str, adapters: tuple[str, ...],
+                                                                           tmp_path: Path) -> None:
     """The same logits and the same keys and values in the pool, bit for bit (bf16, where the products are laid out
-    for oneDNN): 1, 5 and 16 rows of 3 to 70 tokens, their blocks scattered over the pool. Qwen2 has q, k and v
-    biases and tied embeddings."""
+    for oneDNN): 1, 5 and 16 rows of 3 to 70 tokens, their blocks scattered over the pool, and with adapters the
+    rows spread over two random LoRA adapters (on every projection) and the base. Qwen2 has q, k and v biases and
+    tied embeddings."""
     model = AutoModelForCausalLM.from_pretrained(build(family, tmp_path / family), dtype=torch.bfloat16).eval()
+    torch.manual_seed(0)
+    if adapters:  # random A and B: each adapter changes every projection
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=[*FastDecoder.ATTENTION, *FastDecoder.MLP],
+                            init_lora_weights=False)
+        model = get_peft_model(model, config, adapter_name=adapters[0])
+        model.add_adapter(adapters[1], config)
+        model.eval()
     decoder = FastDecoder(model)
-    assert decoder.in_one_call is not None
+    operands = decoder.in_one_call
+    assert operands is not None
     generator = torch.Generator().manual_seed(0)
     for rows in (1, 5, 16):
         lengths = torch.randint(3, 70, (rows,), generator=generator).tolist()
         blocks = torch.randperm(400, generator=generator).tolist()
         work = []
         for length in lengths:
+            adapter = ([None, *adapters] * rows)[len(work) % (len(adapters) + 1)]
             seq = Sequence(GenerationRequest(torch.randint(0, 500, (length,), generator=generator).tolist(),
-                                             SamplingParams(), None, lambda e: None), tokenizer=None)
+                                             SamplingParams(), adapter, lambda e: None), tokenizer=None)
             seq.computed, seq.table = length - 1, BlockTable([blocks.pop() for _ in range(-(-length // 4))])
             work.append((seq, 1))
         results = []
-        for one_call in (decoder.in_one_call, None):
+        for one_call in (operands, None):
             pool = decoder.pool(400, 4)
             filler = torch.Generator().manual_seed(rows)  # the earlier tokens' keys and values, the same for both
             for keys, values in zip(pool.keys, pool.values, strict=True):

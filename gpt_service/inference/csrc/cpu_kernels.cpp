@@ -8,9 +8,10 @@
 // rms_norm, add_rms_norm_: Llama's RMSNorm (x * rsqrt(mean(x^2) + eps) in float32, rounded, times the weight),
 //   the second after adding a residual in place: one pass over the rows instead of eight operators.
 // rotary_: the rotary embedding of the query and key heads in place (x * cos + rotate_half(x) * sin).
-// decode_layers: every decoder layer of a decode step (one token per row, no adapter) in one call, with the
-//   operators above, oneDNN's products over the weights laid out for it, and the keys and values stored at
-//   their slots: FastDecoder.forward's loop without a return to Python, and so to the GIL, between operators.
+// decode_layers: every decoder layer of a decode step (one token per row, each with its LoRA adapter if any) in
+//   one call, with the operators above, oneDNN's products over the weights laid out for it, and the keys and
+//   values stored at their slots: FastDecoder.forward's loop without a return to Python, and so to the GIL,
+//   between operators.
 //
 // Each is the maths of the models' own eager code in float32, rounded once to the tensors' dtype.
 
@@ -232,22 +233,52 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   return stack[0].toTensor();
 }
 
+using Optionals = c10::List<c10::optional<at::Tensor>>;
+
+// The LoRA adapters of a step's rows, as FastDecoder's Group applies them: per product, the A, B and scaling
+// stacks of the adapters used (none where the product has no LoRA); the rows of each adapter gathered and padded
+// to `width`, the real ones among them (`slots`, none: all) and their rows in the batch.
+struct Adapters {
+  const Optionals &a, &b, &scaling;
+  const c10::optional<at::Tensor> &gather, &slots, &rows;
+  int64_t width;
+};
+
+// Product `i` of the layers (weights laid out for oneDNN) for x, plus its LoRA rows' updates.
+at::Tensor project(const at::Tensor& x, int64_t i, at::TensorList weights, const Optionals& biases,
+                   const Adapters& lora) {
+  at::Tensor out = packed_linear(x, weights[i], biases.get(i));
+  const c10::optional<at::Tensor> a = lora.a.get(i);
+  if (!a.has_value() || !lora.gather.has_value()) return out;
+  at::Tensor picked = x.index_select(0, *lora.gather).to(a->scalar_type()).view({a->size(0), lora.width, -1});
+  at::Tensor delta = at::bmm(at::bmm(picked, *a) * *lora.scaling.get(i), *lora.b.get(i)).view({-1, out.size(1)});
+  if (lora.slots.has_value()) delta = delta.index_select(0, *lora.slots);
+  return out.index_add_(0, *lora.rows, delta.to(out.scalar_type()));
+}
+
 // weights and biases: per layer, the q/k/v, o, gate/up and down products; norms and eps: per layer, the input and
-// post-attention norms. Returns `hidden` (the embeddings, [rows, width]) updated in place by every layer.
-at::Tensor decode_layers(at::Tensor hidden, at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& biases,
-                         at::TensorList norms, at::ArrayRef<double> eps, const at::Tensor& cos, const at::Tensor& sin,
-                         at::TensorList keys, at::TensorList values, const at::Tensor& slots, const at::Tensor& tables,
-                         const at::Tensor& lengths, double scaling, int64_t heads, int64_t kv_heads) {
+// post-attention norms; lora_*: see Adapters. Returns `hidden` (the embeddings, [rows, width]) updated in place by
+// every layer.
+at::Tensor decode_layers(at::Tensor hidden, at::TensorList weights, const Optionals& biases, at::TensorList norms,
+                         at::ArrayRef<double> eps, const at::Tensor& cos, const at::Tensor& sin, at::TensorList keys,
+                         at::TensorList values, const at::Tensor& slots, const at::Tensor& tables,
+                         const at::Tensor& lengths, double scaling, int64_t heads, int64_t kv_heads,
+                         const Optionals& lora_a, const Optionals& lora_b, const Optionals& lora_scaling,
+                         const c10::optional<at::Tensor>& lora_gather, const c10::optional<at::Tensor>& lora_slots,
+                         const c10::optional<at::Tensor>& lora_rows, int64_t lora_width) {
   const int64_t layers = keys.size(), rows = hidden.size(0), dim = keys[0].size(3);
   TORCH_CHECK(weights.size() == 4 * layers && biases.size() == 4 * layers && norms.size() == 2 * layers &&
               eps.size() == 2 * layers && values.size() == layers, "four products and two norms a layer");
+  TORCH_CHECK(lora_a.size() == 4 * layers && lora_b.size() == 4 * layers && lora_scaling.size() == 4 * layers &&
+              (!lora_gather.has_value() || lora_rows.has_value()), "LoRA stacks for each product, rows with a gather");
+  const Adapters lora{lora_a, lora_b, lora_scaling, lora_gather, lora_slots, lora_rows, lora_width};
   TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous() && slots.scalar_type() == at::kLong &&
               slots.is_contiguous() && slots.numel() == rows, "hidden [rows, width], a slot per row");
   const auto c = cos.reshape({rows, -1}), s = sin.reshape({rows, -1});
   const int64_t* slot = slots.data_ptr<int64_t>();
   at::Tensor x = norm(hidden, c10::nullopt, norms[0], eps[0]);
   for (int64_t i = 0; i < layers; ++i) {
-    at::Tensor qkv = packed_linear(x, weights[4 * i], biases.get(4 * i));
+    at::Tensor qkv = project(x, 4 * i, weights, biases, lora);
     at::Tensor rotated = qkv.narrow(1, 0, (heads + kv_heads) * dim).view({rows, heads + kv_heads, dim});
     rotary_(rotated, c, s);
     at::Tensor pool_keys = keys[i], pool_values = values[i];
@@ -255,11 +286,11 @@ at::Tensor decode_layers(at::Tensor hidden, at::TensorList weights, const c10::L
     store(qkv.narrow(1, (heads + kv_heads) * dim, kv_heads * dim).view({rows, kv_heads, dim}), pool_values, slot);
     at::Tensor q = qkv.narrow(1, 0, heads * dim).view({rows, heads, dim});
     at::Tensor attended = paged_decode(q, pool_keys, pool_values, tables, lengths, scaling).view({rows, -1});
-    x = norm(hidden, packed_linear(attended, weights[4 * i + 1], biases.get(4 * i + 1)), norms[2 * i + 1], eps[2 * i + 1]);
-    at::Tensor gate_up = packed_linear(x, weights[4 * i + 2], biases.get(4 * i + 2));
+    x = norm(hidden, project(attended, 4 * i + 1, weights, biases, lora), norms[2 * i + 1], eps[2 * i + 1]);
+    at::Tensor gate_up = project(x, 4 * i + 2, weights, biases, lora);
     const int64_t half = gate_up.size(1) / 2;
-    at::Tensor mlp = packed_linear(at::silu(gate_up.narrow(1, 0, half)) * gate_up.narrow(1, half, half), weights[4 * i + 3],
-                            biases.get(4 * i + 3));
+    at::Tensor mlp = project(at::silu(gate_up.narrow(1, 0, half)) * gate_up.narrow(1, half, half), 4 * i + 3, weights,
+                             biases, lora);
     if (i + 1 < layers) {
       x = norm(hidden, mlp, norms[2 * i + 2], eps[2 * i + 2]);
     } else {
@@ -281,7 +312,8 @@ TORCH_LIBRARY(gpt_service_cpu, m) {
   m.impl("add_rms_norm_", c10::DispatchKey::CPU, TORCH_FN(add_rms_norm_));
   m.def("decode_layers(Tensor(a!) hidden, Tensor[] weights, Tensor?[] biases, Tensor[] norms, float[] eps, Tensor cos, "
         "Tensor sin, Tensor(b!)[] keys, Tensor(c!)[] values, Tensor slots, Tensor tables, Tensor lengths, float scaling, "
-        "int heads, int kv_heads) -> Tensor(a!)");
+        "int heads, int kv_heads, Tensor?[] lora_a, Tensor?[] lora_b, Tensor?[] lora_scaling, Tensor? lora_gather, "
+        "Tensor? lora_slots, Tensor? lora_rows, int lora_width) -> Tensor(a!)");
   m.impl("rotary_", c10::DispatchKey::CPU, TORCH_FN(rotary_));
   m.impl("decode_layers", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(decode_layers));  // its weights are MkldnnCPU
 }
